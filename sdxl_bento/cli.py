@@ -1,0 +1,82 @@
+"""The ``sdxl-bento`` command: put models into the Bento model store and list them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import store
+
+
+def _import(args: argparse.Namespace) -> int:
+    source = args.source or store.DEFAULT_SOURCES[args.role]
+    tag = store.import_pipeline(source, args.role, tag=args.tag, dtype=args.dtype, config=args.config)
+    print(f"imported {source} as {tag} ({args.role})")
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    for tag in store.save_synthetic(args.preset, refiner=args.refiner, base_tag=args.tag,
+                                    refiner_tag=args.refiner_tag, seed=args.seed):
+        print(f"saved synthetic {args.preset} model {tag} (random weights: for testing and timing only)")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    rows = store.list_models()
+    if args.json:
+        print(json.dumps([{"tag": r.tag, "path": str(r.path), **r.metadata} for r in rows], indent=2))
+        return 0
+    if not rows:
+        print("no SDXL models in the Bento model store; import one with:\n  " + store.fix_command("base", "sdxl-base"))
+        return 0
+    print(f"{'TAG':<40} {'ROLE':<8} {'DTYPE':<9} {'SYNTHETIC':<9} SOURCE")
+    for r in rows:
+        m = r.metadata
+        print(f"{r.tag:<40} {m.get('role', ''):<8} {m.get('dtype', ''):<9} {str(bool(m.get('synthetic'))).lower():<9} "
+              f"{m.get('source', '')}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="sdxl-bento", description="SDXL on BentoML: model store tools.")
+    groups = top.add_subparsers(dest="group", required=True)
+    models = groups.add_parser("models", help="manage SDXL pipelines in the Bento model store")
+    cmds = models.add_subparsers(dest="command", required=True)
+
+    imp = cmds.add_parser("import", help="import SDXL weights (hub id, diffusers folder or .safetensors file)")
+    imp.add_argument("source", nargs="?", help="hub repo id, local diffusers folder or single .safetensors file "
+                                                "(default: the official SDXL 1.0 repo for the role)")
+    imp.add_argument("--role", choices=store.ROLES, default="base")
+    imp.add_argument("--tag", help="model name in the store (default: sdxl-base / sdxl-refiner)")
+    imp.add_argument("--dtype", choices=store.DTYPES, default="float16", help="dtype to store the weights in")
+    imp.add_argument("--config", help="for a single file offline: a local diffusers folder with the matching "
+                                      "configs and tokenizers")
+    imp.set_defaults(run=_import)
+
+    syn = cmds.add_parser("synth", help="save SDXL-architecture pipelines with random weights (no download)")
+    syn.add_argument("--preset", choices=("tiny", "full"), default="tiny")
+    syn.add_argument("--refiner", action="store_true", help="also save a refiner")
+    syn.add_argument("--tag", help="base model name (default: sdxl-base)")
+    syn.add_argument("--refiner-tag", help="refiner model name (default: sdxl-refiner)")
+    syn.add_argument("--seed", type=int, default=0)
+    syn.set_defaults(run=_synth)
+
+    lst = cmds.add_parser("list", help="list the SDXL pipelines in the store")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(run=_list)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, ConnectionError, FileNotFoundError) as exc:
+        print(f"sdxl-bento: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

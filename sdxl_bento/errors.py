@@ -1,0 +1,79 @@
+"""Domain errors, and the one place they become HTTP answers.
+
+Every error the service returns has one JSON shape: ``{"error": {"type", "message", ...}}``, with
+``Retry-After`` where trying again later can help.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+class ServiceError(Exception):
+    """An error with an HTTP status and a machine-readable type."""
+
+    status = 500
+    type = "internal_error"
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+        self.details = details
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"type": self.type, "message": self.message, **self.details}}
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
+class InvalidRequest(ServiceError):
+    status, type = 400, "invalid_request"
+
+
+class NotFound(ServiceError):
+    status, type = 404, "not_found"
+
+
+class Conflict(ServiceError):
+    status, type = 409, "conflict"
+
+
+class Overloaded(ServiceError):
+    """The queue is full: the request was not accepted, nothing was started."""
+
+    status, type = 503, "overloaded"
+
+
+class DeadlineExceeded(ServiceError):
+    """The request could not start (or finish) before its deadline; expired work is never started."""
+
+    status, type = 503, "deadline"
+
+
+class Cancelled(ServiceError):
+    status, type = 409, "cancelled"
+
+
+class Unavailable(ServiceError):
+    """A capability that is not loaded (for example the refiner)."""
+
+    status, type = 422, "unavailable"
+
+
+class GenerationFailed(ServiceError):
+    status, type = 500, "generation_failed"
+
+
+class ModelMissing(RuntimeError):
+    """A model the service needs is not in the Bento model store (raised at startup, not per request)."""
+
+
+def to_response(exc: ServiceError):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())

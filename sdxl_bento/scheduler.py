@@ -1,0 +1,260 @@
+"""The scheduler owns the GPU: one thread drains a bounded queue and calls the engine.
+
+Every path to the GPU (sync, batchable and task APIs) submits ``Work`` here and waits on a
+future. The loop is: pick the next job (priority, then deadline, then arrival), gather the
+waiting jobs that share its batch key, run them as one engine call, resolve each job's future.
+A job once accepted always ends: done, failed with a reason, or cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Callable, Protocol
+
+from .engine import StepCallback, Work
+from .errors import Cancelled, DeadlineExceeded, GenerationFailed, Overloaded, ServiceError
+
+logger = logging.getLogger(__name__)
+
+
+class EngineLike(Protocol):
+    def generate(self, works: list[Work], on_step: StepCallback | None = None) -> list[list[Any]]: ...
+
+
+class JobState(str, Enum):
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+@dataclass(eq=False)
+class Job:
+    work: Work
+    deadline: float
+    """``time.monotonic()`` after which the job must not start."""
+    priority: int = 0
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    arrival: float = field(default_factory=time.monotonic)
+    state: JobState = JobState.queued
+    step: int = 0
+    total_steps: int = 0
+    started: float | None = None
+    finished: float | None = None
+    future: Future = field(default_factory=Future)
+    _cancel: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def queue_seconds(self) -> float:
+        return ((self.started or time.monotonic()) - self.arrival)
+
+    @property
+    def run_seconds(self) -> float:
+        if self.started is None:
+            return 0.0
+        return (self.finished or time.monotonic()) - self.started
+
+    def cost(self) -> float:
+        """Work units (steps x pixels x images) for ETA estimates."""
+        key = self.work.key
+        return key.total_steps() * key.width * key.height * self.work.num_images
+
+
+class Scheduler:
+    def __init__(self, engine: EngineLike, *, max_batch_requests: int = 4, max_batch_images: int = 8,
+                 max_jobs: int = 32, clock: Callable[[], float] = time.monotonic) -> None:
+        self.engine = engine
+        self.max_batch_requests = max_batch_requests
+        self.max_batch_images = max_batch_images
+        self.max_jobs = max_jobs
+        self.clock = clock
+        self._queue: list[Job] = []
+        self._running: list[Job] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._seconds_per_unit: float | None = None
+        self.batches_run = 0
+        self.images_generated = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="sdxl-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, reason: str = "shutdown") -> None:
+        """Stop the loop; jobs still waiting fail with ``reason``."""
+        with self._cond:
+            self._stopping = True
+            waiting, self._queue = self._queue, []
+            self._cond.notify_all()
+        for job in waiting:
+            self._finish(job, JobState.failed, GenerationFailed(f"the service stopped ({reason})", reason=reason))
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # -- admission ---------------------------------------------------------------------------
+    def submit(self, works: list[Work], *, timeout: float, priority: int = 0) -> list[Job]:
+        """Queue works atomically (so they can share a batch); raise Overloaded when full."""
+        now = self.clock()
+        jobs = [Job(work=w, deadline=now + timeout, priority=priority, arrival=now,
+                    total_steps=w.key.total_steps()) for w in works]
+        with self._cond:
+            if self._stopping:
+                raise Overloaded("the service is shutting down", retry_after=30)
+            in_system = len(self._queue) + len(self._running)
+            if in_system + len(jobs) > self.max_jobs:
+                raise Overloaded(
+                    f"the queue is full ({in_system} requests admitted, limit {self.max_jobs}); try again later",
+                    retry_after=self._retry_after(),
+                )
+            self._queue.extend(jobs)
+            self._cond.notify_all()
+        return jobs
+
+    def cancel(self, job: Job) -> bool:
+        """Cancel a job: at once if queued, at the next denoising step if running. False if it had ended."""
+        with self._cond:
+            if job.state in (JobState.done, JobState.failed, JobState.cancelled):
+                return False
+            job._cancel.set()
+            if job in self._queue:
+                self._queue.remove(job)
+            else:
+                return True
+        self._finish(job, JobState.cancelled, Cancelled("the job was cancelled"))
+        return True
+
+    # -- observation -------------------------------------------------------------------------
+    def position(self, job: Job) -> int | None:
+        """0-based position among waiting jobs in the order they will start; None when not waiting."""
+        with self._cond:
+            order = sorted(self._queue, key=self._order)
+            return order.index(job) if job in order else None
+
+    def eta(self, job: Job) -> float | None:
+        """Seconds until the job is expected to finish, from measured step times."""
+        if self._seconds_per_unit is None or job.state not in (JobState.queued, JobState.running):
+            return None
+        with self._cond:
+            ahead = [j for j in sorted(self._queue, key=self._order)]
+            ahead = ahead[: ahead.index(job) + 1] if job in ahead else []
+            units = sum(j.cost() * (1 - j.step / max(1, j.total_steps)) for j in self._running)
+            units += sum(j.cost() for j in ahead)
+        return units * self._seconds_per_unit
+
+    def depth(self) -> tuple[int, int]:
+        with self._cond:
+            return len(self._queue), len(self._running)
+
+    def _retry_after(self) -> float:
+        if self._seconds_per_unit is None:
+            return 5.0
+        units = sum(j.cost() for j in self._queue[: self.max_batch_requests]) or 1.0
+        return max(1.0, units * self._seconds_per_unit)
+
+    # -- the loop ----------------------------------------------------------------------------
+    @staticmethod
+    def _order(job: Job) -> tuple[float, float, float]:
+        return (-job.priority, job.deadline, job.arrival)
+
+    def _next_batch(self) -> list[Job]:
+        """Under the lock: expire what can no longer start, then take the head and its batch mates."""
+        now = self.clock()
+        expired = [j for j in self._queue if j.deadline <= now]
+        for job in expired:
+            self._queue.remove(job)
+        for job in expired:
+            self._finish(job, JobState.failed, DeadlineExceeded(
+                "the request could not start before its deadline", reason="deadline", retry_after=self._retry_after()))
+        if not self._queue:
+            return []
+        order = sorted(self._queue, key=self._order)
+        head = order[0]
+        batch, images = [head], head.work.num_images
+        for job in order[1:]:
+            if len(batch) >= self.max_batch_requests:
+                break
+            if job.work.key == head.work.key and images + job.work.num_images <= self.max_batch_images:
+                batch.append(job)
+                images += job.work.num_images
+        for job in batch:
+            self._queue.remove(job)
+            job.state, job.started = JobState.running, self.clock()
+        self._running = batch
+        return batch
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                batch = self._next_batch()
+            if batch:
+                self._run(batch)
+
+    def _run(self, batch: list[Job]) -> None:
+        started = time.perf_counter()
+
+        def on_step(done: int, total: int) -> None:
+            for job in batch:
+                job.step, job.total_steps = done, total
+            if all(job.cancel_requested for job in batch):
+                raise _AllCancelled()
+
+        try:
+            results = self.engine.generate([job.work for job in batch], on_step=on_step)
+            if len(results) != len(batch) or any(len(r) != j.work.num_images for r, j in zip(results, batch)):
+                raise RuntimeError("the engine returned images that do not match the requests")
+        except _AllCancelled:
+            for job in batch:
+                self._finish(job, JobState.cancelled, Cancelled("the job was cancelled"))
+            return
+        except Exception as exc:  # a failed batch fails each of its jobs with the reason
+            logger.exception("batch of %d failed", len(batch))
+            error = exc if isinstance(exc, ServiceError) else GenerationFailed(
+                f"generation failed: {exc.__class__.__name__}: {exc}", reason="error")
+            for job in batch:
+                self._finish(job, JobState.failed, error)
+            return
+        finally:
+            with self._cond:
+                self._running = []
+        elapsed = time.perf_counter() - started
+        units = sum(job.cost() for job in batch)
+        rate = elapsed / units
+        self._seconds_per_unit = rate if self._seconds_per_unit is None else 0.7 * self._seconds_per_unit + 0.3 * rate
+        self.batches_run += 1
+        for job, images in zip(batch, results):
+            if job.cancel_requested:
+                self._finish(job, JobState.cancelled, Cancelled("the job was cancelled"))
+            else:
+                self.images_generated += len(images)
+                self._finish(job, JobState.done, images)
+
+    def _finish(self, job: Job, state: JobState, outcome: Any) -> None:
+        with self._cond:
+            if job.future.done():
+                return
+            job.state, job.finished = state, self.clock()
+        if isinstance(outcome, BaseException):
+            job.future.set_exception(outcome)
+        else:
+            job.future.set_result(outcome)
+
+
+class _AllCancelled(Exception):
+    """Raised from the step callback to stop a batch whose every job was cancelled."""

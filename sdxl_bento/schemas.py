@@ -1,0 +1,149 @@
+"""Request and response models: every limit is a validated field with a readable message.
+
+Unknown fields are rejected. Limits that operators tune (prompt length, pixel count) come from
+``Settings`` through ``configure``, called once when the service starts; the rest are fixed.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from dataclasses import dataclass
+from enum import Enum
+from typing import Annotated, Any, ClassVar, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_SEED = 2**32 - 1
+
+
+class Scheduler(str, Enum):
+    euler = "euler"
+    euler_a = "euler_a"
+    dpmpp_2m = "dpmpp_2m"
+    dpmpp_2m_karras = "dpmpp_2m_karras"
+    ddim = "ddim"
+    unipc = "unipc"
+
+
+class RefineMode(str, Enum):
+    none = "none"
+    ensemble = "ensemble"
+    """The base denoises to ``high_noise_frac``, the refiner finishes from its latents."""
+    img2img = "img2img"
+    """The refiner passes over the base's finished latents with ``refiner_strength``."""
+
+
+class OutputFormat(str, Enum):
+    png = "png"
+    jpeg = "jpeg"
+    webp = "webp"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompt_chars: int = 500
+    max_pixels: int = 1536 * 1536
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    limits: ClassVar[Limits] = Limits()
+
+    prompt: Annotated[str, Field(min_length=1, max_length=10_000, description="What to draw.")]
+    negative_prompt: Annotated[str, Field(max_length=10_000, description="What to avoid.")] = ""
+    steps: Annotated[int, Field(ge=1, le=100, description="Denoising steps.")] = 30
+    guidance_scale: Annotated[float, Field(ge=0, le=20, description="Classifier-free guidance scale.")] = 5.0
+    seed: Annotated[Optional[int], Field(ge=0, le=MAX_SEED, description="Random when absent; always returned.")] = None
+    scheduler: Scheduler = Scheduler.euler
+    output_format: OutputFormat = OutputFormat.png
+    quality: Annotated[int, Field(ge=1, le=100, description="JPEG/WebP quality.")] = 90
+    return_base64: Annotated[bool, Field(description="Also return each image as base64 in JSON answers.")] = False
+
+    @model_validator(mode="after")
+    def _check_prompts(self) -> "_Request":
+        limit = self.limits.max_prompt_chars
+        for name in ("prompt", "negative_prompt"):
+            if len(getattr(self, name)) > limit:
+                raise ValueError(f"{name} is {len(getattr(self, name))} characters; the limit is {limit}")
+        if not self.prompt.strip():
+            raise ValueError("prompt must not be blank")
+        return self
+
+    def seeds(self, count: int) -> list[int]:
+        """One seed per image: the given seed, then seed+1, ...; a random start when none was given."""
+        start = self.seed if self.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        return [(start + i) % (MAX_SEED + 1) for i in range(count)]
+
+
+class GenerateRequest(_Request):
+    """Text to image."""
+
+    width: Annotated[int, Field(ge=256, le=2048, multiple_of=8, description="Image width in pixels.")] = 1024
+    height: Annotated[int, Field(ge=256, le=2048, multiple_of=8, description="Image height in pixels.")] = 1024
+    num_images: Annotated[int, Field(ge=1, le=8, description="Images for this prompt.")] = 1
+    refine: RefineMode = RefineMode.none
+    high_noise_frac: Annotated[float, Field(gt=0, lt=1, description="Ensemble: where the refiner takes over.")] = 0.8
+    refiner_strength: Annotated[float, Field(gt=0, le=1, description="img2img refine: how much is redone.")] = 0.3
+
+    @model_validator(mode="after")
+    def _check_pixels(self) -> "GenerateRequest":
+        limit = self.limits.max_pixels
+        if self.width * self.height > limit:
+            raise ValueError(
+                f"width x height is {self.width}x{self.height} = {self.width * self.height} pixels; "
+                f"the limit is {limit} pixels"
+            )
+        return self
+
+
+class RefineRequest(_Request):
+    """Refine a stored image (by id) with the refiner and a new prompt."""
+
+    image_id: Annotated[uuid.UUID, Field(description="Id of an image in the image store.")]
+    strength: Annotated[float, Field(gt=0, le=1, description="How much of the image is redone.")] = 0.3
+
+
+def configure(limits: Limits) -> None:
+    """Set the operator's limits for every request model (once, at startup)."""
+    _Request.limits = limits
+
+
+class Timings(BaseModel):
+    queue_s: float
+    generate_s: float
+    total_s: float
+
+
+class ImageResult(BaseModel):
+    id: str
+    url: str
+    seed: int
+    width: int
+    height: int
+    format: OutputFormat
+    finish_reason: str = "success"
+    base64: Optional[str] = None
+
+
+class GenerateResponse(BaseModel):
+    images: list[ImageResult]
+    model: str
+    refiner: Optional[str] = None
+    synthetic: bool = False
+    timings: Timings
+    parameters: dict[str, Any]
+
+
+class ErrorInfo(BaseModel):
+    type: str
+    message: str
+
+
+class BatchItem(BaseModel):
+    """One request's answer in the batchable API: its result, or why it failed (the others still succeed)."""
+
+    ok: bool
+    result: Optional[GenerateResponse] = None
+    error: Optional[ErrorInfo] = None

@@ -1,0 +1,165 @@
+"""The Bento model store: the only place the service takes weights from.
+
+``import_pipeline`` and ``save_synthetic`` put diffusers pipelines into the store (the weights
+in safetensors, the provenance in metadata); the service resolves tags at startup and never
+downloads anything while serving.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import bentoml
+
+from .errors import ModelMissing
+
+logger = logging.getLogger(__name__)
+
+Role = Literal["base", "refiner"]
+ROLES: tuple[Role, ...] = ("base", "refiner")
+DEFAULT_TAGS: dict[Role, str] = {"base": "sdxl-base", "refiner": "sdxl-refiner"}
+DEFAULT_SOURCES: dict[Role, str] = {
+    "base": "stabilityai/stable-diffusion-xl-base-1.0",
+    "refiner": "stabilityai/stable-diffusion-xl-refiner-1.0",
+}
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class StoredPipeline:
+    tag: str
+    path: Path
+    metadata: dict[str, Any]
+
+    @property
+    def synthetic(self) -> bool:
+        return bool(self.metadata.get("synthetic"))
+
+
+def fix_command(role: Role, tag: str) -> str:
+    """The command that puts a missing model into the store."""
+    name = tag.split(":")[0]
+    name_arg = "" if name == DEFAULT_TAGS[role] else f" --tag {name}"
+    return (
+        f"sdxl-bento models import {DEFAULT_SOURCES[role]} --role {role}{name_arg}"
+        f"   (offline, for trying it out: sdxl-bento models synth --preset tiny"
+        f"{' --refiner' if role == 'refiner' else ''})"
+    )
+
+
+def from_model(model: Any) -> StoredPipeline:
+    """A ``bentoml.models.Model`` (as a service's BentoModel attribute resolves) as a StoredPipeline."""
+    return StoredPipeline(str(model.tag), Path(model.path), dict(model.info.metadata))
+
+
+def find(tag: str) -> StoredPipeline | None:
+    try:
+        model = bentoml.models.get(tag)
+    except bentoml.exceptions.NotFound:
+        return None
+    return from_model(model)
+
+
+def resolve(tag: str, role: Role) -> StoredPipeline:
+    """The stored pipeline for ``tag``, or a ModelMissing error naming the command that fixes it."""
+    stored = find(tag)
+    if stored is None:
+        raise ModelMissing(
+            f"SDXL {role} model {tag!r} is not in the Bento model store "
+            f"(`bentoml models list` shows what is there). Put it there with:\n  "
+            + fix_command(role, tag)
+        )
+    if stored.metadata.get("role") not in (None, role):
+        raise ModelMissing(f"model {stored.tag} was imported as role {stored.metadata.get('role')!r}, not {role!r}")
+    return stored
+
+
+def save_pipeline(pipe: Any, *, name: str, role: Role, source: str, dtype: str, synthetic: bool,
+                  extra: dict[str, Any] | None = None) -> str:
+    """Save a diffusers pipeline into the store; returns the new tag (``name:version``)."""
+    import diffusers
+
+    metadata = {
+        "role": role, "source": source, "dtype": dtype, "synthetic": synthetic,
+        "diffusers_version": diffusers.__version__, "pipeline_class": type(pipe).__name__,
+        **(extra or {}),
+    }
+    labels = {"project": "sdxl-bento", "role": role, "synthetic": str(synthetic).lower()}
+    with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
+        pipe.save_pretrained(model.path, safe_serialization=True)
+    logger.info("saved %s %s from %s", role, model.tag, source)
+    return str(model.tag)
+
+
+def _pipeline_class(role: Role):
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if role == "base" else StableDiffusionXLImg2ImgPipeline
+
+
+def load_source(source: str, role: Role, dtype: str = "float16", config: str | None = None) -> Any:
+    """Load a pipeline from a hub id, a local diffusers folder or a single ``.safetensors`` file."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    torch_dtype = getattr(torch, dtype)
+    cls = _pipeline_class(role)
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix not in (".safetensors",):
+            raise ValueError(f"{source}: a single-file checkpoint must be a .safetensors file")
+        kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
+        if config:
+            kwargs.update(config=config, local_files_only=True)
+        return cls.from_single_file(str(path), **kwargs)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ValueError(f"{source}: not a diffusers pipeline folder (no model_index.json)")
+        return cls.from_pretrained(str(path), torch_dtype=torch_dtype, use_safetensors=True)
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise ValueError(f"{source}: no such file or folder, and not a Hugging Face repo id (owner/name)")
+    variant = "fp16" if dtype == "float16" else None
+    try:
+        return cls.from_pretrained(source, torch_dtype=torch_dtype, variant=variant, use_safetensors=True)
+    except OSError as exc:  # huggingface_hub raises OSError subclasses when offline or not found
+        raise ConnectionError(
+            f"could not fetch {source} from the Hugging Face Hub ({exc.__class__.__name__}: {exc}).\n"
+            "Offline, import a local diffusers folder or a .safetensors file instead, or try the service "
+            "without weights: sdxl-bento models synth --preset tiny --refiner"
+        ) from exc
+
+
+def import_pipeline(source: str, role: Role, tag: str | None = None, dtype: str = "float16",
+                    config: str | None = None) -> str:
+    pipe = load_source(source, role, dtype=dtype, config=config)
+    return save_pipeline(pipe, name=tag or DEFAULT_TAGS[role], role=role, source=source, dtype=dtype,
+                         synthetic=False)
+
+
+def save_synthetic(preset: str, refiner: bool = False, base_tag: str | None = None,
+                   refiner_tag: str | None = None, seed: int = 0) -> list[str]:
+    """Build SDXL-architecture pipelines with random weights and save them (``synthetic: true``)."""
+    from .synth import build_pipelines
+
+    base, refiner_pipe = build_pipelines(preset, refiner=refiner, seed=seed)  # type: ignore[arg-type]
+    extra = {"preset": preset, "seed": seed}
+    tags = [save_pipeline(base, name=base_tag or DEFAULT_TAGS["base"], role="base",
+                          source=f"synthetic:{preset}", dtype="float32", synthetic=True, extra=extra)]
+    if refiner_pipe is not None:
+        tags.append(save_pipeline(refiner_pipe, name=refiner_tag or DEFAULT_TAGS["refiner"], role="refiner",
+                                  source=f"synthetic:{preset}", dtype="float32", synthetic=True, extra=extra))
+    return tags
+
+
+def list_models() -> list[StoredPipeline]:
+    """Every SDXL pipeline in the store (models saved by this project)."""
+    rows = []
+    for model in bentoml.models.list():
+        metadata = dict(model.info.metadata)
+        if metadata.get("role") in ROLES:
+            rows.append(StoredPipeline(str(model.tag), Path(model.path), metadata))
+    return rows

@@ -1,0 +1,197 @@
+"""What BentoML's task routes lack: real cancellation and progress.
+
+BentoML's local server keeps task state in SQLite and, on ``PUT /<task>/cancel``, only marks the
+row cancelled while the work runs on (see NOTES). ``TaskControl`` is an ASGI middleware that
+answers cancel itself, stopping the scheduler job at its next denoising step, and adds queue
+position, step progress and an ETA to ``GET /<task>/status``. The ``TaskRegistry`` links BentoML
+task ids to scheduler jobs; it lives in the worker process that runs the tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs
+
+from .scheduler import Job, JobState, Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class TaskCancelled(BaseException):
+    """Raised by a cancelled task's handler. It passes BentoML's task runner (which catches only
+    ``Exception``), so no result is written and BentoML's row keeps the status ``canceled``;
+    ``TaskControl`` catches it around the submit request that ran the task."""
+
+
+@dataclass
+class _Entry:
+    jobs: list[Job] = field(default_factory=list)
+    cancelled: bool = False
+    ended: str | None = None
+
+
+class TaskRegistry:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[str, _Entry] = {}
+        self.scheduler: Scheduler | None = None
+
+    def submitted(self, task_id: str) -> None:
+        with self._lock:
+            self._entries.setdefault(task_id, _Entry())
+
+    def attach(self, task_id: str, jobs: list[Job]) -> None:
+        """Link the task's jobs; a task cancelled before its jobs existed is cancelled now."""
+        with self._lock:
+            entry = self._entries.setdefault(task_id, _Entry())
+            entry.jobs.extend(jobs)
+            cancelled = entry.cancelled
+        if cancelled and self.scheduler is not None:
+            for job in jobs:
+                self.scheduler.cancel(job)
+
+    def is_cancelled(self, task_id: str) -> bool:
+        with self._lock:
+            entry = self._entries.get(task_id)
+            return bool(entry and entry.cancelled)
+
+    def ended(self, task_id: str, status: str) -> None:
+        with self._lock:
+            if task_id in self._entries:
+                self._entries[task_id].ended = status
+
+    def cancel(self, task_id: str) -> str:
+        """``cancelled``, ``ended:<status>`` or ``unknown``."""
+        with self._lock:
+            entry = self._entries.get(task_id)
+            if entry is None:
+                return "unknown"
+            if entry.ended is not None:
+                return f"ended:{entry.ended}"
+            entry.cancelled = True
+            jobs = list(entry.jobs)
+        if self.scheduler is not None:
+            for job in jobs:
+                self.scheduler.cancel(job)
+        return "cancelled"
+
+    def progress(self, task_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            entry = self._entries.get(task_id)
+            if entry is None:
+                return None
+            jobs, cancelled = list(entry.jobs), entry.cancelled
+        if cancelled:
+            return {"state": "cancelled"}
+        if not jobs:
+            return {"state": "queued", "queue_position": None, "eta_s": None}
+        job = jobs[0]
+        info: dict[str, Any] = {"state": job.state.value}
+        scheduler = self.scheduler
+        if job.state == JobState.queued and scheduler is not None:
+            info["queue_position"] = scheduler.position(job)
+        if job.state in (JobState.queued, JobState.running):
+            info.update(step=job.step, total_steps=job.total_steps)
+            eta = scheduler.eta(job) if scheduler is not None else None
+            info["eta_s"] = None if eta is None else round(eta, 2)
+        return info
+
+
+def _json_response(status: int, body: dict[str, Any]):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(body, status_code=status)
+
+
+class TaskControl:
+    """ASGI middleware for ``/<task>/submit``, ``/<task>/cancel`` and ``/<task>/status``."""
+
+    def __init__(self, app: Any, registry: TaskRegistry, task_routes: tuple[str, ...]) -> None:
+        self.app = app
+        self.registry = registry
+        self.routes = task_routes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, method = scope["path"].rstrip("/"), scope["method"]
+        route, _, action = path.rpartition("/")
+        if route not in self.routes:
+            return await self.app(scope, receive, send)
+        task_id = parse_qs(scope.get("query_string", b"").decode()).get("task_id", [""])[0]
+        if action == "cancel" and method == "PUT" and task_id:
+            return await self._cancel(scope, receive, send, task_id)
+        if action in ("submit", "retry") and method == "POST":
+            return await self._rewrite(scope, receive, send, self._on_submit)
+        if action == "get" and method == "GET" and self.registry.is_cancelled(task_id):
+            response = _json_response(409, {"error": {"type": "cancelled", "message": f"task {task_id} was cancelled"}})
+            return await response(scope, receive, send)
+        if action == "status" and method == "GET" and task_id:
+            return await self._rewrite(scope, receive, send, lambda body: self._on_status(task_id, body))
+        return await self.app(scope, receive, send)
+
+    async def _cancel(self, scope, receive, send, task_id: str) -> None:
+        outcome = self.registry.cancel(task_id)
+        if outcome == "unknown":
+            response = _json_response(404, {"error": {"type": "not_found", "message": f"no task {task_id}"}})
+        elif outcome.startswith("ended:"):
+            status = outcome.split(":", 1)[1]
+            response = _json_response(409, {"error": {"type": "conflict",
+                                                      "message": f"task {task_id} has already ended ({status})"}})
+        else:
+            # Let BentoML mark its row cancelled, then answer for it: the work really stops.
+            await self.app(scope, receive, _discard)
+            response = _json_response(200, {"task_id": task_id, "status": "canceled"})
+        await response(scope, receive, send)
+
+    def _on_submit(self, body: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(body, dict) and "task_id" in body:
+            self.registry.submitted(body["task_id"])
+        return body
+
+    def _on_status(self, task_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(body, dict) and body.get("status") == "in_progress":
+            progress = self.registry.progress(task_id)
+            if progress is not None:
+                body.update(progress)
+        return body
+
+    async def _rewrite(self, scope, receive, send, edit) -> None:
+        """Pass the request on, then edit a JSON body of a 200 answer."""
+        start: dict[str, Any] = {}
+        chunks: list[bytes] = []
+
+        async def capture(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    await self._send_edited(start, b"".join(chunks), send, edit)
+            else:
+                await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        except TaskCancelled as exc:  # raised by a cancelled task, after its submit was answered
+            logger.info("task %s cancelled", exc)
+
+    @staticmethod
+    async def _send_edited(start: dict[str, Any], body: bytes, send: Any, edit) -> None:
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        if start.get("status") == 200:
+            try:
+                body = json.dumps(edit(json.loads(body))).encode()
+            except ValueError:
+                pass
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({**start, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def _discard(message: dict[str, Any]) -> None:
+    return None
