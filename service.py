@@ -51,13 +51,20 @@ images_app = Starlette(routes=[Route("/{image_id}", _get_image, methods=["GET"])
 
 
 def answers_errors(func):
-    """Turn ``ServiceError`` into its JSON answer (BentoML would hide the message of a 5xx)."""
+    """Turn ``ServiceError`` into its JSON answer (BentoML would hide the message of a 5xx).
+
+    BentoML copies ``ctx.response.status_code`` onto the answer of an API that takes a Context,
+    so the status is set there too.
+    """
 
     @functools.wraps(func)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return await func(*args, **kwargs)
         except ServiceError as exc:
+            ctx = kwargs.get("ctx")
+            if ctx is not None:
+                ctx.response.status_code = exc.status
             return to_response(exc)
 
     return wrapper
@@ -106,7 +113,7 @@ class SDXL:
 
     @bentoml.api(input_spec=GenerateRequest, route="/txt2img")
     @answers_errors
-    async def txt2img(self, ctx: bentoml.Context, **fields: Any) -> bytes:
+    async def txt2img(self, **fields: Any) -> bytes:
         """One image, as the raw PNG/JPEG/WebP body; seed and parameters in headers and in the file."""
         received = time.monotonic()
         req = GenerateRequest.model_validate(fields)
@@ -138,8 +145,10 @@ class SDXL:
         job, generated = await self.generation.run(req)
         return self.generation.response(req, job, generated, received)
 
+    # BentoML's batcher refuses (503) work it expects to exceed max_latency_ms, counting generation time;
+    # our scheduler enforces the deadline, so the batcher gets the whole timeout.
     @bentoml.api(batchable=True, max_batch_size=settings.concurrency * 2,
-                 max_latency_ms=settings.batch_max_latency_ms, route="/generate_batch")
+                 max_latency_ms=int(settings.timeout * 1000), route="/generate_batch")
     async def generate_batch(self, requests: list[GenerateRequest]) -> list[schemas.BatchItem]:
         """Adaptive batching: BentoML merges concurrent calls; compatible items run as one pipeline call."""
         received = time.monotonic()

@@ -52,9 +52,6 @@ class Settings(BaseSettings):
     timeout: float = Field(default=300.0, gt=0, le=86_400)
     """Seconds a request may wait for its images; work that cannot start in time is never started."""
 
-    batch_max_latency_ms: int = Field(default=100, ge=1, le=60_000)
-    """How long BentoML's adaptive batcher may hold a request of the batchable API to form a batch."""
-
     workers: int = Field(default=1, ge=1, le=16)
     """BentoML worker processes; each loads its own pipelines (one per GPU)."""
 

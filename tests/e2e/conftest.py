@@ -1,0 +1,74 @@
+"""Start the real service (``bentoml serve`` in a subprocess) on the tiny synthetic models."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self._log_file = open(log, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", "service:SDXL", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=REPO, env=env, stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"server not ready in {timeout} s:\n{self.log.read_text()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+        self._log_file.close()
+
+
+def service_env(home: Path, images: Path, **settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDXL_BENTO_")}
+    env.update(BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="true", SDXL_BENTO_IMAGE_DIR=str(images),
+               SDXL_BENTO_DEVICE="cpu", PYTHONUNBUFFERED="1")
+    env.update({f"SDXL_BENTO_{k.upper()}": str(v) for k, v in settings.items()})
+    return env
+
+
+@pytest.fixture(scope="session")
+def server(bentoml_home, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "server.log"
+    srv = Server(service_env(bentoml_home, tmp_path_factory.mktemp("images"), max_concurrency=4, concurrency=2,
+                             timeout=60), log)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()

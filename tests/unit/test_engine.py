@@ -1,0 +1,79 @@
+"""The engine on the tiny synthetic SDXL (real diffusers pipelines, random weights, CPU float32)."""
+
+import numpy as np
+import pytest
+
+from sdxl_bento.engine import SCHEDULER_NAMES, BatchKey, Work
+
+KEY = BatchKey(kind="txt2img", width=256, height=256, steps=4, guidance_scale=5.0, scheduler="euler_a")
+
+
+def pixels(image):
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_same_seed_same_image_other_seed_other_image(engine):
+    (a,), = engine.generate([Work(KEY, "a red bicycle", "", [11])])
+    (b,), = engine.generate([Work(KEY, "a red bicycle", "", [11])])
+    (c,), = engine.generate([Work(KEY, "a red bicycle", "", [12])])
+    assert a.size == (256, 256)
+    assert np.array_equal(pixels(a), pixels(b))
+    assert np.abs(pixels(a) - pixels(c)).mean() > 5
+
+
+def test_batched_equals_one_by_one(engine):
+    """An image depends on its own prompt and seed only, not on its batch mates. On the CPU, BLAS sums in
+    an order that depends on the batch size, so float32 results may differ in the last bit: at most 1/255."""
+    works = [Work(KEY, "a cat", "", [1, 2]), Work(KEY, "a dog on a skateboard", "", [3])]
+    batched = engine.generate(works)
+    assert [len(images) for images in batched] == [2, 1]
+    singles = [engine.generate([Work(KEY, w.prompt, "", [s])])[0][0] for w in works for s in w.seeds]
+    for got, want in zip([img for images in batched for img in images], singles):
+        assert np.abs(pixels(got) - pixels(want)).max() <= 1
+
+
+def test_negative_prompts_differ_from_none(engine):
+    key = BatchKey(**{**KEY.__dict__, "has_negative": True})
+    (with_negative,), = engine.generate([Work(key, "a cat", "blurry", [5])])
+    (without,), = engine.generate([Work(KEY, "a cat", "", [5])])
+    assert np.abs(pixels(with_negative) - pixels(without)).mean() > 1
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
+@pytest.mark.parametrize("refine", ["none", "ensemble", "img2img"])
+def test_every_scheduler_and_refine_mode_runs(engine, scheduler, refine):
+    key = BatchKey(kind="txt2img", width=256, height=256, steps=4, guidance_scale=5.0, scheduler=scheduler,
+                   refine=refine)
+    seen = []
+    (image,), = engine.generate([Work(key, "a lighthouse", "", [3])], on_step=lambda d, t: seen.append((d, t)))
+    assert image.size == (256, 256)
+    assert seen and seen[-1] == (key.total_steps(), key.total_steps())
+    assert all(done <= total for done, total in seen)
+
+
+def test_refine_a_given_image(engine):
+    (source,), = engine.generate([Work(KEY, "a house", "", [9])])
+    key = BatchKey(kind="refine", width=256, height=256, steps=10, guidance_scale=5.0, scheduler="euler",
+                   strength=0.5)
+    (refined,), = engine.generate([Work(key, "a house, detailed", "", [9], init_images=[source])])
+    assert refined.size == source.size
+    assert np.abs(pixels(refined) - pixels(source)).mean() > 1
+
+
+def test_step_callback_can_abort(engine):
+    class Stop(Exception):
+        pass
+
+    def stop(done, total):
+        if done == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        engine.generate([Work(KEY, "a cat", "", [1])], on_step=stop)
+
+
+def test_refiner_is_shared_not_copied(engine):
+    models = engine.models
+    assert models.refiner.text_encoder_2 is models.base.text_encoder_2
+    assert models.refiner.vae is models.base.vae
+    assert models.synthetic and models.device == "cpu"

@@ -1,0 +1,177 @@
+"""The scheduler against a fake engine: what it runs, in which batches, and how every job ends."""
+
+import threading
+import time
+
+import pytest
+
+from sdxl_bento.engine import BatchKey, Work
+from sdxl_bento.errors import Cancelled, DeadlineExceeded, GenerationFailed, Overloaded
+from sdxl_bento.scheduler import JobState, Scheduler
+
+A = BatchKey(kind="txt2img", width=256, height=256, steps=4, guidance_scale=5.0, scheduler="euler")
+B = BatchKey(kind="txt2img", width=512, height=256, steps=4, guidance_scale=5.0, scheduler="euler")
+
+
+class FakeEngine:
+    """Records each batch; holds until released, so tests control what is running."""
+
+    def __init__(self, fail: Exception | None = None, hold: bool = False):
+        self.batches: list[list[str]] = []
+        self.fail = fail
+        self.gate = threading.Event()
+        if not hold:
+            self.gate.set()
+        self.started = threading.Event()
+
+    def generate(self, works, on_step=None):
+        self.batches.append([w.prompt for w in works])
+        self.started.set()
+        for step in range(1, 5):
+            self.gate.wait(5)
+            if on_step:
+                on_step(step, 4)
+        if self.fail:
+            raise self.fail
+        return [[f"{w.prompt}#{s}" for s in w.seeds] for w in works]
+
+
+def work(prompt, key=A, n=1):
+    return Work(key=key, prompt=prompt, negative_prompt="", seeds=list(range(n)))
+
+
+@pytest.fixture
+def make():
+    made = []
+
+    def _make(engine, **kw):
+        s = Scheduler(engine, **{"max_batch_requests": 4, "max_batch_images": 8, "max_jobs": 8, **kw})
+        made.append(s)
+        s.start()
+        return s
+
+    yield _make
+    for s in made:
+        s.stop()
+
+
+def test_compatible_waiting_requests_share_a_batch(make):
+    engine = FakeEngine(hold=True)
+    s = make(engine)
+    first = s.submit([work("first")], timeout=10)[0]
+    assert engine.started.wait(2)
+    jobs = s.submit([work("a1"), work("b1", B), work("a2"), work("a3", n=7)], timeout=10)
+    engine.gate.set()
+    for job in [first, *jobs]:
+        job.future.result(5)
+    assert engine.batches[0] == ["first"]
+    assert engine.batches[1] == ["a1", "a2"]  # a3 would pass 8 images; b1 has another size
+    assert sorted(map(tuple, engine.batches[2:])) == [("a3",), ("b1",)]
+    assert jobs[3].future.result() == [f"a3#{i}" for i in range(7)]
+    assert all(job.state == JobState.done for job in jobs)
+
+
+def test_batch_size_is_bounded_by_requests(make):
+    engine = FakeEngine(hold=True)
+    s = make(engine, max_batch_requests=2)
+    s.submit([work("x")], timeout=10)
+    engine.started.wait(2)
+    jobs = s.submit([work(f"p{i}") for i in range(5)], timeout=10)
+    engine.gate.set()
+    [j.future.result(5) for j in jobs]
+    assert [len(b) for b in engine.batches] == [1, 2, 2, 1]
+
+
+def test_overload_is_refused_with_retry_after_and_nothing_is_lost(make):
+    engine = FakeEngine(hold=True)
+    s = make(engine, max_jobs=3)
+    jobs = s.submit([work("a"), work("b"), work("c")], timeout=10)
+    with pytest.raises(Overloaded) as info:
+        s.submit([work("d")], timeout=10)
+    assert info.value.status == 503 and int(info.value.headers()["Retry-After"]) >= 1
+    engine.gate.set()
+    assert [j.future.result(5) for j in jobs] == [["a#0"], ["b#0"], ["c#0"]]
+
+
+def test_priority_then_deadline_then_arrival(make):
+    engine = FakeEngine(hold=True)
+    s = make(engine, max_batch_requests=1)
+    s.submit([work("running")], timeout=10)
+    engine.started.wait(2)
+    low = s.submit([work("low")], timeout=10)[0]
+    late = s.submit([work("high-late")], timeout=20, priority=5)[0]
+    soon = s.submit([work("high-soon")], timeout=10, priority=5)[0]
+    assert [s.position(j) for j in (soon, late, low)] == [0, 1, 2]
+    engine.gate.set()
+    low.future.result(5)
+    assert engine.batches[1:] == [["high-soon"], ["high-late"], ["low"]]
+
+
+def test_expired_work_is_never_started(make):
+    engine = FakeEngine(hold=True)
+    s = make(engine)
+    s.submit([work("long")], timeout=10)
+    engine.started.wait(2)
+    doomed = s.submit([work("doomed", B)], timeout=0.05)[0]
+    time.sleep(0.1)
+    engine.gate.set()
+    with pytest.raises(DeadlineExceeded):
+        doomed.future.result(5)
+    assert doomed.state == JobState.failed
+    assert ["doomed"] not in engine.batches
+
+
+def test_cancel_a_queued_job_and_a_running_one(make):
+    engine = FakeEngine(hold=True)
+    s = make(engine)
+    running = s.submit([work("running")], timeout=10)[0]
+    engine.started.wait(2)
+    queued = s.submit([work("queued", B)], timeout=10)[0]
+    assert s.cancel(queued) and s.cancel(running)
+    with pytest.raises(Cancelled):
+        queued.future.result(1)
+    engine.gate.set()
+    with pytest.raises(Cancelled):
+        running.future.result(5)
+    assert engine.batches == [["running"]]
+    assert not s.cancel(running)  # already ended
+
+
+def test_failed_batch_fails_each_job_with_the_reason(make):
+    s = make(FakeEngine(fail=RuntimeError("CUDA error: boom")))
+    jobs = s.submit([work("a"), work("b")], timeout=10)
+    for job in jobs:
+        with pytest.raises(GenerationFailed, match="boom"):
+            job.future.result(5)
+        assert job.state == JobState.failed
+
+
+def test_progress_and_eta(make):
+    engine = FakeEngine()
+    s = make(engine)
+    s.submit([work("warm")], timeout=10)[0].future.result(5)
+    engine.gate.clear()
+    engine.started.clear()
+    job = s.submit([work("observed")], timeout=10)[0]
+    engine.started.wait(2)
+    assert job.state == JobState.running and s.eta(job) is not None
+    engine.gate.set()
+    job.future.result(5)
+    assert (job.step, job.total_steps) == (4, 4)
+
+
+def test_stop_fails_waiting_jobs_with_a_reason(make):
+    engine = FakeEngine(hold=True)
+    s = make(engine)
+    s.submit([work("running")], timeout=10)
+    engine.started.wait(2)
+    waiting = s.submit([work("waiting", B)], timeout=10)[0]
+    engine.gate.set()
+    s.stop()
+    if waiting.state == JobState.failed:
+        with pytest.raises(GenerationFailed, match="shutdown"):
+            waiting.future.result(1)
+    else:
+        assert waiting.state == JobState.done
+    with pytest.raises(Overloaded):
+        s.submit([work("late")], timeout=10)

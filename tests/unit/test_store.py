@@ -1,0 +1,66 @@
+"""The model store: synthetic models, imports from a diffusers folder, listing, clear errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from sdxl_bento import store
+from sdxl_bento.errors import ModelMissing
+from sdxl_bento.synth import build_pipelines, configs, sdxl_configs
+
+
+def test_full_preset_has_sdxl_1_0_shapes():
+    full = sdxl_configs()
+    assert full["base_unet"]["transformer_layers_per_block"] == [1, 2, 10]
+    assert full["base_unet"]["cross_attention_dim"] == 2048
+    assert full["text_encoder_2"]["num_hidden_layers"] == 32
+    assert configs("full") == full
+    with pytest.raises(ValueError, match="tiny"):
+        configs("medium")
+
+
+def test_synth_saves_base_and_refiner_marked_synthetic(bentoml_home):
+    rows = {r.metadata["role"]: r for r in store.list_models() if r.tag.startswith(("sdxl-base:", "sdxl-refiner:"))}
+    assert set(rows) == {"base", "refiner"}
+    for role, row in rows.items():
+        assert row.synthetic and row.metadata["source"] == "synthetic:tiny"
+        assert row.metadata["dtype"] == "float32" and row.metadata["diffusers_version"]
+        assert (row.path / "model_index.json").is_file()
+    assert store.resolve("sdxl-base:latest", "base").tag == rows["base"].tag
+
+
+def test_import_from_a_local_diffusers_folder(bentoml_home, tmp_path):
+    base, _ = build_pipelines("tiny", seed=3)
+    base.save_pretrained(tmp_path / "folder")
+    tag = store.import_pipeline(str(tmp_path / "folder"), "base", tag="my-folder-model", dtype="float32")
+    stored = store.resolve(tag, "base")
+    assert stored.metadata == {**stored.metadata, "role": "base", "source": str(tmp_path / "folder"),
+                               "synthetic": False, "dtype": "float32"}
+    from diffusers import StableDiffusionXLPipeline
+    loaded = StableDiffusionXLPipeline.from_pretrained(str(stored.path))
+    assert all((a == b).all() for a, b in zip(loaded.unet.parameters(), base.unet.parameters()))
+
+
+def test_missing_model_names_the_command_that_fixes_it(bentoml_home):
+    with pytest.raises(ModelMissing) as info:
+        store.resolve("sdxl-nothing:latest", "base")
+    assert "sdxl-bento models import stabilityai/stable-diffusion-xl-base-1.0 --role base --tag sdxl-nothing" in str(info.value)
+    with pytest.raises(ModelMissing, match="imported as role 'base', not 'refiner'"):
+        store.resolve("sdxl-base:latest", "refiner")
+
+
+def test_bad_sources_get_clear_errors(bentoml_home, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "model.ckpt").write_bytes(b"x")
+    for source, message in [(str(tmp_path / "empty"), "no model_index.json"),
+                            (str(tmp_path / "model.ckpt"), "must be a .safetensors file"),
+                            ("./nowhere/at/all", "no such file or folder")]:
+        with pytest.raises(ValueError, match=message):
+            store.load_source(source, "base")
+
+
+def test_cli_lists_models(bentoml_home):
+    out = subprocess.run([sys.executable, "-m", "sdxl_bento.cli", "models", "list"], check=True,
+                         capture_output=True, text=True).stdout
+    assert "sdxl-base:" in out and "sdxl-refiner:" in out and "synthetic:tiny" in out
