@@ -98,13 +98,13 @@ class Engine:
 
         self.device, self.dtype = pick_device(device)
         started = time.perf_counter()
-        base_pipe = StableDiffusionXLPipeline.from_pretrained(str(base.path), torch_dtype=self.dtype)
+        base_pipe = StableDiffusionXLPipeline.from_pretrained(str(base.path), dtype=self.dtype)
         refiner_pipe = None
         if refiner is not None:
             # Shared components are passed in, so they are neither loaded nor held twice.
             refiner_pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(
                 str(refiner.path), text_encoder_2=base_pipe.text_encoder_2, vae=base_pipe.vae,
-                torch_dtype=self.dtype,
+                dtype=self.dtype,
             )
         for pipe in filter(None, (base_pipe, refiner_pipe)):
             pipe.to(self.device)

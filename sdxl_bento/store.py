@@ -112,19 +112,19 @@ def load_source(source: str, role: Role, dtype: str = "float16", config: str | N
     if path.is_file():
         if path.suffix not in (".safetensors",):
             raise ValueError(f"{source}: a single-file checkpoint must be a .safetensors file")
-        kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
+        kwargs: dict[str, Any] = {"dtype": torch_dtype}
         if config:
             kwargs.update(config=config, local_files_only=True)
         return cls.from_single_file(str(path), **kwargs)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ValueError(f"{source}: not a diffusers pipeline folder (no model_index.json)")
-        return cls.from_pretrained(str(path), torch_dtype=torch_dtype, use_safetensors=True)
+        return cls.from_pretrained(str(path), dtype=torch_dtype, use_safetensors=True)
     if source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise ValueError(f"{source}: no such file or folder, and not a Hugging Face repo id (owner/name)")
     variant = "fp16" if dtype == "float16" else None
     try:
-        return cls.from_pretrained(source, torch_dtype=torch_dtype, variant=variant, use_safetensors=True)
+        return cls.from_pretrained(source, dtype=torch_dtype, variant=variant, use_safetensors=True)
     except OSError as exc:  # huggingface_hub raises OSError subclasses when offline or not found
         raise ConnectionError(
             f"could not fetch {source} from the Hugging Face Hub ({exc.__class__.__name__}: {exc}).\n"

@@ -34,6 +34,9 @@ def _tiny_configs() -> dict[str, Any]:
         "hidden_act": "gelu", "hidden_size": 32, "intermediate_size": 37, "max_position_embeddings": 77,
         "num_attention_heads": 4, "num_hidden_layers": 2, "projection_dim": 32, "vocab_size": 1000,
     }
+    # The two encoders differ in width, as in SDXL (768 vs 1280): diffusers' single-file loader tells
+    # them apart by width, so equal widths would load text_encoder_2 from CLIP-L's weights.
+    text_encoder_2 = {**text_encoder, "hidden_size": 48, "intermediate_size": 53}
     time_dim = 8
     unet = {
         "act_fn": "silu", "addition_embed_type": "text_time", "addition_time_embed_dim": time_dim,
@@ -42,10 +45,10 @@ def _tiny_configs() -> dict[str, Any]:
         "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1,
         "norm_num_groups": 8, "sample_size": 32, "transformer_layers_per_block": [1, 1],
         "use_linear_projection": True,
-        "cross_attention_dim": 64,
+        "cross_attention_dim": text_encoder["hidden_size"] + text_encoder_2["hidden_size"],
         "projection_class_embeddings_input_dim": _BASE_TIME_IDS * time_dim + 32,
     }
-    refiner = {**unet, "cross_attention_dim": 32,
+    refiner = {**unet, "cross_attention_dim": text_encoder_2["hidden_size"],
                "projection_class_embeddings_input_dim": _REFINER_TIME_IDS * time_dim + 32}
     vae = {
         "act_fn": "silu", "block_out_channels": [8, 16, 16, 16], "in_channels": 3, "out_channels": 3,
@@ -56,7 +59,7 @@ def _tiny_configs() -> dict[str, Any]:
     full = sdxl_configs()
     return {
         "base_unet": unet, "refiner_unet": refiner, "vae": vae,
-        "text_encoder": text_encoder, "text_encoder_2": dict(text_encoder),
+        "text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
         "scheduler": full["scheduler"], "refiner_pipeline": full["refiner_pipeline"],
     }
 

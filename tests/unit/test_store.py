@@ -64,3 +64,33 @@ def test_cli_lists_models(bentoml_home):
     out = subprocess.run([sys.executable, "-m", "sdxl_bento.cli", "models", "list"], check=True,
                          capture_output=True, text=True).stdout
     assert "sdxl-base:" in out and "sdxl-refiner:" in out and "synthetic:tiny" in out
+
+
+def test_import_a_single_file_checkpoint_with_the_cli(bentoml_home, tmp_path):
+    """A community-style single .safetensors file (made from the tiny model) imported offline with --config."""
+    import numpy as np
+    import torch
+
+    from sdxl_bento.checkpoint import save_single_file
+    from sdxl_bento.engine import BatchKey, Engine, Work
+
+    original, _ = build_pipelines("tiny", seed=5)
+    checkpoint = save_single_file(original, tmp_path / "community.safetensors")
+    config_pipe, _ = build_pipelines("tiny", seed=6)  # same architecture, other weights: configs only matter
+    config_pipe.save_pretrained(tmp_path / "config")
+    out = subprocess.run([sys.executable, "-m", "sdxl_bento.cli", "models", "import", str(checkpoint), "--role", "base",
+                          "--tag", "community", "--dtype", "float32", "--config", str(tmp_path / "config")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    stored = store.resolve("community:latest", "base")
+    assert stored.metadata["source"] == str(checkpoint) and not stored.synthetic
+    engine = Engine(stored, device="cpu")
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        for a, b in zip(getattr(engine.models.base, name).state_dict().values(),
+                        getattr(original, name).state_dict().values()):
+            assert torch.equal(a, b), name
+    key = BatchKey(kind="txt2img", width=256, height=256, steps=2, guidance_scale=5.0, scheduler="euler")
+    (image,), = engine.generate([Work(key, "a cat", "", [1])])
+    want = original(prompt="a cat", width=256, height=256, num_inference_steps=2, guidance_scale=5.0,
+                    generator=[torch.Generator().manual_seed(1)]).images[0]
+    assert np.array_equal(np.asarray(image), np.asarray(want))
