@@ -27,6 +27,14 @@ class EngineLike(Protocol):
     def generate(self, works: list[Work], on_step: StepCallback | None = None) -> list[list[Any]]: ...
 
 
+class Observer(Protocol):
+    """Receives what the scheduler measures (telemetry.Metrics is one)."""
+
+    def observe_batch(self, images: int, steps: int, seconds: float) -> None: ...
+
+    def observe_queue(self, waiting: int, running: int) -> None: ...
+
+
 class JobState(str, Enum):
     queued = "queued"
     running = "running"
@@ -73,8 +81,11 @@ class Job:
 
 class Scheduler:
     def __init__(self, engine: EngineLike, *, max_batch_requests: int = 4, max_batch_images: int = 8,
-                 max_jobs: int = 32, clock: Callable[[], float] = time.monotonic) -> None:
+                 max_jobs: int = 32, aging_per_minute: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic, observer: Observer | None = None) -> None:
         self.engine = engine
+        self.observer = observer
+        self.aging_per_s = aging_per_minute / 60.0
         self.max_batch_requests = max_batch_requests
         self.max_batch_images = max_batch_images
         self.max_jobs = max_jobs
@@ -121,6 +132,7 @@ class Scheduler:
                 )
             self._queue.extend(jobs)
             self._cond.notify_all()
+        self._observe_queue()
         return jobs
 
     def cancel(self, job: Job) -> bool:
@@ -158,6 +170,10 @@ class Scheduler:
         with self._cond:
             return len(self._queue), len(self._running)
 
+    def _observe_queue(self) -> None:
+        if self.observer is not None:
+            self.observer.observe_queue(*self.depth())
+
     def _retry_after(self) -> float:
         if self._seconds_per_unit is None:
             return 5.0
@@ -165,9 +181,11 @@ class Scheduler:
         return max(1.0, units * self._seconds_per_unit)
 
     # -- the loop ----------------------------------------------------------------------------
-    @staticmethod
-    def _order(job: Job) -> tuple[float, float, float]:
-        return (-job.priority, job.deadline, job.arrival)
+    def _order(self, job: Job) -> tuple[float, float, float]:
+        """Priority first, raised by the time waited (aging: a low tier still progresses under constant
+        high-tier load), then the earliest deadline, then arrival."""
+        aged = int(max(0.0, self.clock() - job.arrival) * self.aging_per_s)  # whole points, so ties stay ties
+        return (-(job.priority + aged), job.deadline, job.arrival)
 
     def _next_batch(self) -> list[Job]:
         """Under the lock: expire what can no longer start, then take the head and its batch mates."""
@@ -204,7 +222,9 @@ class Scheduler:
                     return
                 batch = self._next_batch()
             if batch:
+                self._observe_queue()
                 self._run(batch)
+                self._observe_queue()
 
     def _run(self, batch: list[Job]) -> None:
         started = time.perf_counter()
@@ -238,6 +258,8 @@ class Scheduler:
         rate = elapsed / units
         self._seconds_per_unit = rate if self._seconds_per_unit is None else 0.7 * self._seconds_per_unit + 0.3 * rate
         self.batches_run += 1
+        if self.observer is not None:
+            self.observer.observe_batch(sum(j.work.num_images for j in batch), batch[0].work.key.total_steps(), elapsed)
         for job, images in zip(batch, results):
             if job.cancel_requested:
                 self._finish(job, JobState.cancelled, Cancelled("the job was cancelled"))

@@ -7,9 +7,9 @@ so tests can build one with plain keyword arguments.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -54,6 +54,55 @@ class Settings(BaseSettings):
 
     workers: int = Field(default=1, ge=1, le=16)
     """BentoML worker processes; each loads its own pipelines (one per GPU)."""
+
+    aging_per_minute: float = Field(default=10.0, ge=0, le=1000)
+    """Priority points a waiting request gains per minute, so lower tiers still progress under load."""
+
+    max_body_bytes: int = Field(default=1 * 2**20, ge=1024, le=256 * 2**20)
+    """Largest request body accepted; beyond it: 413."""
+
+    state_dir: Path = Field(default_factory=lambda: Path.home() / ".sdxl-bento" / "state")
+    """Folder of the task journal (survives restarts, unlike BentoML's task database)."""
+
+    # -- gateway -------------------------------------------------------------------------------
+    keys_file: Optional[Path] = None
+    """API keys and tiers (YAML or TOML); without one the service runs open."""
+
+    auth: Literal["optional", "required"] = "optional"
+    """``required`` refuses to start without a keys file."""
+
+    redis_url: Optional[SecretStr] = None
+    """Redis for rate limits and the result cache, shared by workers and replicas; in-process without it."""
+
+    cache: bool = True
+    """Serve identical requests (same parameters and seed) from the result cache."""
+
+    cache_unseeded: bool = False
+    """Also cache requests without a seed (they would otherwise differ each time)."""
+
+    cache_ttl_s: int = Field(default=24 * 3600, ge=1)
+    """How long Redis keeps cached results."""
+
+    cache_max_bytes: int = Field(default=512 * 2**20, ge=0)
+    """Memory bound of the embedded cache."""
+
+    audit_log: Optional[Path] = None
+    """JSON-lines audit file (size-rotated); default ``<state_dir>/audit.jsonl``."""
+
+    audit_stdout: bool = False
+    """Also write audit lines to stdout."""
+
+    audit_prompts: Literal["plain", "hash"] = "plain"
+    """``hash`` records sha256 of prompts instead of their text."""
+
+    audit_max_bytes: int = Field(default=50 * 2**20, ge=4096)
+    """Size at which the audit file rotates (5 backups kept)."""
+
+    def audit_path(self) -> Path:
+        return self.audit_log or self.state_dir / "audit.jsonl"
+
+    def redis(self) -> str | None:
+        return self.redis_url.get_secret_value() if self.redis_url else None
 
     def traffic(self) -> dict[str, float | int]:
         """BentoML traffic settings.

@@ -175,3 +175,45 @@ def test_stop_fails_waiting_jobs_with_a_reason(make):
         assert waiting.state == JobState.done
     with pytest.raises(Overloaded):
         s.submit([work("late")], timeout=10)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_aging_lets_a_low_tier_progress_under_constant_premium_load():
+    """A free request (priority 0) waiting behind a stream of premium ones (priority 10) starts once it has
+    waited long enough: 10 priority points per minute of waiting."""
+    clock = FakeClock()
+    s = Scheduler(FakeEngine(), max_batch_requests=1, max_jobs=100, aging_per_minute=10, clock=clock)
+    free = s.submit([work("free", B)], timeout=3600, priority=0)[0]
+    started = []
+    for minute in range(5):
+        clock.now += 30
+        s.submit([work(f"premium{minute}")], timeout=3600, priority=10)
+        with s._cond:
+            batch = s._next_batch()
+        started.append(batch[0].work.prompt)
+        s._running = []
+    assert started[0] == "premium0"  # fresh: premium first
+    assert "free" in started          # after about a minute of waiting, free outranks a new premium request
+    assert started.index("free") <= 2
+    assert free.state == JobState.running
+
+
+def test_without_aging_priority_is_strict():
+    clock = FakeClock()
+    s = Scheduler(FakeEngine(), max_batch_requests=1, max_jobs=100, aging_per_minute=0, clock=clock)
+    s.submit([work("free", B)], timeout=3600, priority=0)
+    started = []
+    for minute in range(5):
+        clock.now += 30
+        s.submit([work(f"premium{minute}")], timeout=3600, priority=10)
+        with s._cond:
+            started.append(s._next_batch()[0].work.prompt)
+        s._running = []
+    assert "free" not in started

@@ -1,0 +1,46 @@
+"""Prometheus metrics of the service, exported on BentoML's ``/metrics``.
+
+Created inside the service instance, after BentoML has set ``PROMETHEUS_MULTIPROC_DIR`` for the
+worker (a collector created earlier would be invisible to ``/metrics``). Gauges of several workers
+add up (``livesum``) or take the worst (``max``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Metrics:
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.queue_depth = Gauge("sdxl_queue_depth", "Requests waiting for the GPU.", multiprocess_mode="livesum")
+        self.running = Gauge("sdxl_running_requests", "Requests in the batch on the GPU.", multiprocess_mode="livesum")
+        self.batch_size = Histogram("sdxl_batch_images", "Images per pipeline call.", buckets=(1, 2, 4, 8, 16, 32))
+        self.step_seconds = Histogram("sdxl_step_seconds", "Seconds per denoising step of a batch.",
+                                      buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30))
+        self.images = Counter("sdxl_images_generated", "Images generated on the GPU.")
+        self.requests = Counter("sdxl_requests", "Generation requests by endpoint and outcome.",
+                                ["endpoint", "outcome"])
+        self.cache_hits = Counter("sdxl_cache_hits", "Requests answered from the result cache.")
+        self.cache_misses = Counter("sdxl_cache_misses", "Cacheable requests that needed the GPU.")
+        self.cache_bytes = Gauge("sdxl_cache_bytes", "Bytes held by the result cache.", multiprocess_mode="max")
+        self.coalesced = Counter("sdxl_coalesced_requests", "Requests that joined an identical one in flight.")
+        self.ratelimit_degraded = Gauge("sdxl_ratelimit_redis_degraded",
+                                        "1 while Redis is configured but unreachable (limits are per process).",
+                                        multiprocess_mode="max")
+        self.ratelimit_redis_failures = Counter("sdxl_ratelimit_redis_failures", "Rate-limit calls Redis failed.")
+        self.rejected = Counter("sdxl_rejected", "Requests refused by the gateway, by reason.", ["reason"])
+
+    def observe_batch(self, images: int, steps: int, seconds: float) -> None:
+        self.batch_size.observe(images)
+        self.images.inc(images)
+        if steps:
+            self.step_seconds.observe(seconds / steps)
+
+    def observe_queue(self, waiting: int, running: int) -> None:
+        self.queue_depth.set(waiting)
+        self.running.set(running)
+
+    def observe_cache(self, stats: Any) -> None:
+        self.cache_bytes.set(stats.bytes)
