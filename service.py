@@ -1,15 +1,15 @@
 """sdxl-bento: Stable Diffusion XL 1.0 behind BentoML.  Run: ``bentoml serve service:SDXL``.
 
-Each API method is: validate (BentoML, with the pydantic schemas) -> submit to the scheduler,
-which alone drives the GPU -> encode the answer. Errors are ``ServiceError``s, answered in one
-JSON shape by ``errors.to_response``.
+A request passes the gateway middleware (body limits, API key, tier limits, rate limits, audit),
+then an API method here: validate (BentoML, with the pydantic schemas) -> ``Generation`` (cache,
+scheduler, which alone drives the GPU, image store) -> the answer's shape. Errors are
+``ServiceError``s, answered in one JSON shape by ``errors.to_response``.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import time
 from typing import Any
 
 import bentoml
@@ -19,24 +19,39 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from sdxl_bento import schemas, store
+from sdxl_bento.audit import AuditLog
+from sdxl_bento.auth import KeyStore
+from sdxl_bento.cache import make_cache
 from sdxl_bento.errors import Cancelled, InvalidRequest, ModelMissing, ServiceError, to_response
-from sdxl_bento.generation import Generation, ModelInfo
+from sdxl_bento.gateway import ActiveJobs, Gateway
+from sdxl_bento.generation import Generation, ModelInfo, RequestContext
 from sdxl_bento.images import ImageStore
+from sdxl_bento.journal import TaskJournal
+from sdxl_bento.ratelimit import RateLimiter
 from sdxl_bento.schemas import GenerateRequest, GenerateResponse, RefineRequest
 from sdxl_bento.settings import Settings
 from sdxl_bento.tasks import TaskCancelled, TaskControl, TaskRegistry
+from sdxl_bento.telemetry import metrics
 
 logger = logging.getLogger("sdxl_bento.service")
 
 settings = Settings()
 schemas.configure(schemas.Limits(max_prompt_chars=settings.max_prompt_chars, max_pixels=settings.max_pixels))
-image_store = ImageStore(settings.image_dir)
-task_registry = TaskRegistry()
 
 if store.find(settings.base_model) is None:
     raise ModelMissing(f"cannot start: SDXL base model {settings.base_model!r} is not in the Bento model store. "
                        f"Put it there with:\n  {store.fix_command('base', settings.base_model)}")
 _with_refiner = settings.refiner == "on" or (settings.refiner == "auto" and store.find(settings.refiner_model))
+if settings.keys_file is None and settings.auth == "required":
+    raise SystemExit("cannot start: SDXL_BENTO_AUTH=required but no SDXL_BENTO_KEYS_FILE is set "
+                     "(create one with: sdxl-bento keys add NAME --tier standard --file keys.yaml)")
+keys = KeyStore.load(settings.keys_file) if settings.keys_file else None
+
+image_store = ImageStore(settings.image_dir)
+journal = TaskJournal(settings.state_dir / "tasks.db")
+task_registry = TaskRegistry(journal)
+active_jobs = ActiveJobs()
+GENERATION_ROUTES = ("/txt2img", "/generate", "/generate_batch", "/refine", "/jobs/submit", "/jobs/retry")
 
 
 async def _get_image(request: Request) -> Response:
@@ -62,12 +77,21 @@ def answers_errors(func):
         try:
             return await func(*args, **kwargs)
         except ServiceError as exc:
-            ctx = kwargs.get("ctx")
-            if ctx is not None:
-                ctx.response.status_code = exc.status
+            kwargs["ctx"].response.status_code = exc.status
             return to_response(exc)
 
     return wrapper
+
+
+def request_context(ctx: bentoml.Context) -> RequestContext:
+    """What the gateway learned about this request (caller, deadline), and where to note the outcome."""
+    state = ctx.request.state
+    if not hasattr(state, "audit"):
+        state.audit = {}
+    found = RequestContext(deadline_s=getattr(state, "deadline_s", None), audit=state.audit)
+    if getattr(state, "principal", None) is not None:
+        found.principal = state.principal
+    return found
 
 
 @bentoml.asgi_app(images_app, path="/images")
@@ -94,17 +118,25 @@ class SDXL:
                 logger.warning("!!! SERVING A SYNTHETIC MODEL: %s has random weights (%s); its images are noise. "
                                "Import real SDXL weights with `sdxl-bento models import`. !!!",
                                stored.tag, stored.metadata.get("source"))
+        if keys is None:
+            logger.warning("no API keys file (SDXL_BENTO_KEYS_FILE): the service is open to anyone who reaches it")
+        lost = journal.recover()
+        if lost:
+            logger.warning("%d task(s) were unfinished when the service last stopped: marked failed (restart)", lost)
         self.engine = Engine(base, refiner, device=settings.device)
-        warmup = self.engine.warmup()
-        logger.info("warm-up took %.2f s", warmup)
+        logger.info("warm-up took %.2f s", self.engine.warmup())
         self.scheduler = Scheduler(self.engine, max_batch_requests=settings.concurrency,
-                                   max_batch_images=settings.max_batch_images, max_jobs=settings.max_concurrency)
+                                   max_batch_images=settings.max_batch_images, max_jobs=settings.max_concurrency,
+                                   aging_per_minute=settings.aging_per_minute, observer=metrics())
         self.scheduler.start()
         task_registry.scheduler = self.scheduler
+        cache = make_cache(settings.redis(), image_store, ttl_s=settings.cache_ttl_s,
+                           max_bytes=settings.cache_max_bytes) if settings.cache else None
         self.generation = Generation(
             self.scheduler, image_store,
             ModelInfo(base.tag, refiner.tag if refiner else None, self.engine.models.synthetic),
-            timeout=settings.timeout, public_url=settings.public_url,
+            timeout=settings.timeout, cache=cache, cache_unseeded=settings.cache_unseeded,
+            public_url=settings.public_url,
         )
 
     @bentoml.on_shutdown
@@ -113,37 +145,33 @@ class SDXL:
 
     @bentoml.api(input_spec=GenerateRequest, route="/txt2img")
     @answers_errors
-    async def txt2img(self, **fields: Any) -> bytes:
+    async def txt2img(self, ctx: bentoml.Context, **fields: Any) -> bytes:
         """One image, as the raw PNG/JPEG/WebP body; seed and parameters in headers and in the file."""
-        received = time.monotonic()
         req = GenerateRequest.model_validate(fields)
         if req.num_images != 1:
             raise InvalidRequest("/txt2img returns one image; use /generate for several", field="num_images")
-        job, (image,) = await self.generation.run(req)
+        outcome = await self.generation.run(req, request_context(ctx))
+        (image,) = outcome.images
         return Response(content=image.data, media_type=image.media_type, headers={
             "Seed": str(image.seed), "Finish-Reason": "success", "X-Image-Id": image.id,
             "X-Image-Url": self.generation.url(image.id), "X-Model": self.generation.models.base_tag,
             "X-Parameters": image.parameters.encode("unicode_escape").decode("ascii"),
-            "X-Generate-Seconds": f"{job.run_seconds:.4f}", "X-Total-Seconds": f"{time.monotonic() - received:.4f}",
+            "X-Queue-Seconds": f"{outcome.queue_s:.4f}", "X-Generate-Seconds": f"{outcome.gpu_s:.4f}",
         })
 
     @bentoml.api(input_spec=GenerateRequest, route="/generate")
     @answers_errors
-    async def generate(self, **fields: Any) -> GenerateResponse:
+    async def generate(self, ctx: bentoml.Context, **fields: Any) -> GenerateResponse:
         """Images as JSON: id, url, seed (and base64 when asked) for each, with timings."""
-        received = time.monotonic()
-        req = GenerateRequest.model_validate(fields)
-        job, generated = await self.generation.run(req)
-        return self.generation.response(req, job, generated, received)
+        req, rctx = GenerateRequest.model_validate(fields), request_context(ctx)
+        return self.generation.response(req, await self.generation.run(req, rctx), rctx)
 
     @bentoml.api(input_spec=RefineRequest, route="/refine")
     @answers_errors
-    async def refine(self, **fields: Any) -> GenerateResponse:
+    async def refine(self, ctx: bentoml.Context, **fields: Any) -> GenerateResponse:
         """Refine a stored image (by id) with the refiner and a new prompt."""
-        received = time.monotonic()
-        req = RefineRequest.model_validate(fields)
-        job, generated = await self.generation.run(req)
-        return self.generation.response(req, job, generated, received)
+        req, rctx = RefineRequest.model_validate(fields), request_context(ctx)
+        return self.generation.response(req, await self.generation.run(req, rctx), rctx)
 
     # BentoML's batcher refuses (503) work it expects to exceed max_latency_ms, counting generation time;
     # our scheduler enforces the deadline, so the batcher gets the whole timeout.
@@ -151,27 +179,36 @@ class SDXL:
                  max_latency_ms=int(settings.timeout * 1000), route="/generate_batch")
     async def generate_batch(self, requests: list[GenerateRequest]) -> list[schemas.BatchItem]:
         """Adaptive batching: BentoML merges concurrent calls; compatible items run as one pipeline call."""
-        received = time.monotonic()
-        return await self.generation.run_batch(requests, received)
+        return await self.generation.run_batch(requests, RequestContext())
 
     @bentoml.task(input_spec=GenerateRequest, route="/jobs")
     @answers_errors
     async def jobs(self, ctx: bentoml.Context, **fields: Any) -> GenerateResponse:
         """Task style: ``/jobs/submit`` answers at once with a task id; poll ``/jobs/status``, fetch ``/jobs/get``."""
-        received = time.monotonic()
         task_id = getattr(ctx.request.state, "task_id", None)
-        req = GenerateRequest.model_validate(fields)
+        rctx = request_context(ctx)
+        rctx.on_submit = lambda jobs: task_registry.attach(task_id, jobs) if task_id else None
         try:
-            job, generated = await self.generation.run(
-                req, on_submit=lambda jobs: task_registry.attach(task_id, jobs) if task_id else None)
+            req = GenerateRequest.model_validate(fields)
+            outcome = await self.generation.run(req, rctx)
         except Cancelled:
-            task_registry.ended(task_id, "canceled")
+            task_registry.ended(task_id, "canceled", "cancelled")
             raise TaskCancelled(task_id) from None
-        except ServiceError:
-            task_registry.ended(task_id, "failed")
+        except ServiceError as exc:
+            task_registry.ended(task_id, "failed", exc.type)
+            raise
+        except Exception:
+            task_registry.ended(task_id, "failed", "error")
             raise
         task_registry.ended(task_id, "completed")
-        return self.generation.response(req, job, generated, received)
+        return self.generation.response(req, outcome, rctx)
 
 
-SDXL.add_asgi_middleware(TaskControl, registry=task_registry, task_routes=("/jobs",))
+# The first added is the outermost: the gateway sees every request before the task routes do.
+SDXL.add_asgi_middleware(Gateway, keys=keys, limiter=RateLimiter(settings.redis()),
+                         audit=AuditLog(settings.audit_path(), max_bytes=settings.audit_max_bytes,
+                                        stdout=settings.audit_stdout, prompts=settings.audit_prompts),
+                         generation_routes=GENERATION_ROUTES,
+                         protected_routes=(*GENERATION_ROUTES, "/jobs"),
+                         max_body_bytes=settings.max_body_bytes, active=active_jobs)
+SDXL.add_asgi_middleware(TaskControl, registry=task_registry, journal=journal, task_routes=("/jobs",))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 from . import store
 
@@ -39,6 +41,15 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_add(args: argparse.Namespace) -> int:
+    from .auth import add_key
+
+    key = add_key(args.file, args.name, args.tier)
+    print(f"added key {args.name!r} (tier {args.tier}) to {args.file}; its sha256 is stored, the key is shown once:")
+    print(key)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="sdxl-bento", description="SDXL on BentoML: model store tools.")
     groups = top.add_subparsers(dest="group", required=True)
@@ -66,6 +77,15 @@ def parser() -> argparse.ArgumentParser:
     lst = cmds.add_parser("list", help="list the SDXL pipelines in the store")
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(run=_list)
+
+    keys = groups.add_parser("keys", help="manage API keys")
+    keys_cmds = keys.add_subparsers(dest="command", required=True)
+    add = keys_cmds.add_parser("add", help="create a key: prints it once, stores only its sha256")
+    add.add_argument("name")
+    add.add_argument("--tier", default="standard", help="free, standard, premium or a tier defined in the file")
+    add.add_argument("--file", type=Path, default=Path(os.environ.get("SDXL_BENTO_KEYS_FILE", "keys.yaml")),
+                     help="keys file, YAML or TOML (default: $SDXL_BENTO_KEYS_FILE or ./keys.yaml)")
+    add.set_defaults(run=_keys_add)
     return top
 
 

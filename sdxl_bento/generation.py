@@ -1,7 +1,9 @@
 """From a validated request to stored, encoded images: the flow every API shares.
 
-request -> works (one seed per image) -> scheduler (waits, batches, runs) -> encode with infotext
--> image store -> ``GenerateResponse``. The service's API methods only pick the answer's shape.
+request -> result cache (a hit costs no GPU) -> coalesce with an identical request in flight ->
+works (one seed per image) -> scheduler (priority, deadline, batching) -> encode with infotext ->
+image store -> cache -> ``GenerateResponse``. What happened is recorded in ``ctx.audit`` for the
+gateway's audit line. The service's API methods only pick the answer's shape.
 """
 
 from __future__ import annotations
@@ -9,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .auth import OPEN_PRINCIPAL, Principal
+from .cache import CachedImage, Coalescer, ResultCache, cache_key
 from .engine import BatchKey, Work
-from .errors import DeadlineExceeded, ServiceError, Unavailable
+from .errors import Cancelled, DeadlineExceeded, NotFound, ServiceError, Unavailable
 from .images import MEDIA_TYPES, SAMPLER_LABELS, ImageStore, encode, infotext
 from .scheduler import Job, Scheduler
 from .schemas import (
@@ -27,16 +31,7 @@ from .schemas import (
     Timings,
 )
 
-
-@dataclass
-class Generated:
-    id: str
-    seed: int
-    data: bytes
-    media_type: str
-    width: int
-    height: int
-    parameters: str
+Request = GenerateRequest | RefineRequest
 
 
 @dataclass(frozen=True)
@@ -46,17 +41,49 @@ class ModelInfo:
     synthetic: bool
 
 
+@dataclass
+class RequestContext:
+    """Who asks, by when, and where to note what happened (the gateway's request state)."""
+
+    principal: Principal = OPEN_PRINCIPAL
+    deadline_s: float | None = None
+    audit: dict[str, Any] = field(default_factory=dict)
+    on_submit: Callable[[list[Job]], None] | None = None
+    received: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Outcome:
+    images: list[CachedImage]
+    queue_s: float = 0.0
+    gpu_s: float = 0.0
+    cache: str | None = None
+    """``hit``, ``miss`` or None (not cacheable)."""
+
+
 class Generation:
     def __init__(self, scheduler: Scheduler, images: ImageStore, models: ModelInfo, *, timeout: float,
-                 public_url: str = "") -> None:
+                 cache: ResultCache | None = None, cache_unseeded: bool = False, public_url: str = "") -> None:
         self.scheduler = scheduler
         self.images = images
         self.models = models
         self.timeout = timeout
+        self.cache = cache
+        self.cache_unseeded = cache_unseeded
+        self.coalescer = Coalescer()
         self.public_url = public_url.rstrip("/")
 
     # -- requests to works -------------------------------------------------------------------
-    def txt2img_work(self, req: GenerateRequest) -> Work:
+    def work(self, req: Request) -> Work:
+        if isinstance(req, RefineRequest):
+            if self.models.refiner_tag is None:
+                raise Unavailable("refining needs the refiner, which this server has not loaded")
+            image = self.images.load(str(req.image_id))
+            key = BatchKey(kind="refine", width=image.width, height=image.height, steps=req.steps,
+                           guidance_scale=req.guidance_scale, scheduler=req.scheduler.value, strength=req.strength,
+                           has_negative=bool(req.negative_prompt))
+            return Work(key=key, prompt=req.prompt, negative_prompt=req.negative_prompt, seeds=req.seeds(1),
+                        init_images=[image])
         if req.refine != RefineMode.none and self.models.refiner_tag is None:
             raise Unavailable(f"refine={req.refine.value} needs the refiner, which this server has not loaded",
                               field="refine")
@@ -67,52 +94,100 @@ class Generation:
                        has_negative=bool(req.negative_prompt))
         return Work(key=key, prompt=req.prompt, negative_prompt=req.negative_prompt, seeds=req.seeds(req.num_images))
 
-    def refine_work(self, req: RefineRequest) -> Work:
-        if self.models.refiner_tag is None:
-            raise Unavailable("refining needs the refiner, which this server has not loaded")
-        image = self.images.load(str(req.image_id))
-        key = BatchKey(kind="refine", width=image.width, height=image.height, steps=req.steps,
-                       guidance_scale=req.guidance_scale, scheduler=req.scheduler.value, strength=req.strength,
-                       has_negative=bool(req.negative_prompt))
-        return Work(key=key, prompt=req.prompt, negative_prompt=req.negative_prompt, seeds=req.seeds(1),
-                    init_images=[image])
+    def _cache_key(self, req: Request, work: Work) -> str | None:
+        if self.cache is None or (req.seed is None and not self.cache_unseeded):
+            return None
+        params = req.model_dump(mode="json", exclude={"return_base64"})
+        params["seeds"] = work.seeds
+        uses_refiner = work.key.kind == "refine" or work.key.refine != "none"
+        model = self.models.base_tag + (f"+{self.models.refiner_tag}" if uses_refiner else "")
+        return cache_key(params, model, req.output_format.value)
 
     # -- running -----------------------------------------------------------------------------
-    def submit(self, works: list[Work], priority: int = 0) -> list[Job]:
-        return self.scheduler.submit(works, timeout=self.timeout, priority=priority)
+    async def run(self, req: Request, ctx: RequestContext) -> Outcome:
+        """One request: from the cache, joined to an identical one in flight, or generated."""
+        ctx.audit["parameters"] = req.model_dump(mode="json", exclude={"prompt", "negative_prompt", "return_base64"})
+        try:
+            work = self.work(req)
+            key = self._cache_key(req, work)
+            if key is None:
+                outcome = await self._generate(req, work, ctx)
+            else:
+                outcome = await self._cached(req, work, key, ctx)
+        except ServiceError as exc:
+            ctx.audit.update(outcome="cancelled" if isinstance(exc, Cancelled) else "error", reason=exc.type,
+                             status=exc.status, message=exc.message)
+            raise
+        ctx.audit.update(outcome="ok", model=self.models.base_tag, cache=outcome.cache,
+                         queue_s=round(outcome.queue_s, 4), gpu_s=round(outcome.gpu_s, 4),
+                         image_ids=[i.id for i in outcome.images], seeds=[i.seed for i in outcome.images])
+        return outcome
 
-    async def wait(self, job: Job) -> list[Any]:
+    async def _cached(self, req: Request, work: Work, key: str, ctx: RequestContext) -> Outcome:
+        cache = self.cache
+        assert cache is not None
+        hit = await asyncio.to_thread(cache.get, key)
+        if hit is not None:
+            return Outcome(images=[self._local(image) for image in hit], cache="hit")
+
+        async def produce() -> Outcome:
+            outcome = await self._generate(req, work, ctx)
+            await asyncio.to_thread(cache.put, key, outcome.images)
+            return outcome
+
+        outcome, shared = await self.coalescer.run(key, produce)
+        return Outcome(images=outcome.images, queue_s=outcome.queue_s, gpu_s=0.0 if shared else outcome.gpu_s,
+                       cache="hit" if shared else "miss")
+
+    def _local(self, image: CachedImage) -> CachedImage:
+        """A cached image as a file of this server's store (a Redis hit may come from another replica)."""
+        try:
+            self.images.find(image.id)
+            return image
+        except NotFound:
+            fmt = next(f for f, m in MEDIA_TYPES.items() if m == image.media_type)
+            return CachedImage(**{**image.__dict__, "id": self.images.save(image.data, fmt)})
+
+    async def _generate(self, req: Request, work: Work, ctx: RequestContext) -> Outcome:
+        timeout = min(self.timeout, ctx.deadline_s or self.timeout)
+        (job,) = self.scheduler.submit([work], timeout=timeout, priority=ctx.principal.tier.priority)
+        if ctx.on_submit is not None:
+            ctx.on_submit([job])
+        images = await self.wait(job, timeout)
+        stored = await asyncio.to_thread(self.store, job.work, images, req)
+        return Outcome(images=stored, queue_s=job.queue_seconds, gpu_s=job.run_seconds)
+
+    async def wait(self, job: Job, timeout: float) -> list[Any]:
         """The job's images; on a timeout or when the waiter goes away, the job is cancelled."""
         try:
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), self.timeout)
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), timeout)
         except asyncio.TimeoutError:
             self.scheduler.cancel(job)
-            raise DeadlineExceeded(f"the request did not finish within {self.timeout:g} s", reason="deadline",
-                                   retry_after=30) from None
+            raise DeadlineExceeded(f"the request did not finish within its deadline of {timeout:g} s",
+                                   reason="deadline", retry_after=30) from None
         except asyncio.CancelledError:
             self.scheduler.cancel(job)
             raise
 
-    def store(self, job: Job, images: list[Any], req: GenerateRequest | RefineRequest) -> list[Generated]:
+    def store(self, work: Work, images: list[Any], req: Request) -> list[CachedImage]:
         """Encode each image with its own parameters and save it."""
-        key, fmt = job.work.key, req.output_format.value
+        key, fmt = work.key, req.output_format.value
         out = []
-        for seed, image in zip(job.work.seeds, images):
-            params = self.parameters(req, key, seed)
-            text = infotext(req.prompt, req.negative_prompt, params)
+        for seed, image in zip(work.seeds, images):
+            text = infotext(req.prompt, req.negative_prompt, self.parameters(req, key, seed))
             data = encode(image, fmt, req.quality, text)
-            image_id = self.images.save(data, fmt)
-            out.append(Generated(image_id, seed, data, MEDIA_TYPES[fmt], image.width, image.height, text))
+            out.append(CachedImage(id=self.images.save(data, fmt), seed=seed, media_type=MEDIA_TYPES[fmt],
+                                   width=image.width, height=image.height, parameters=text, data=data))
         return out
 
-    def parameters(self, req: GenerateRequest | RefineRequest, key: BatchKey, seed: int) -> dict[str, Any]:
+    def parameters(self, req: Request, key: BatchKey, seed: int) -> dict[str, Any]:
         params: dict[str, Any] = {
             "Steps": key.steps, "Sampler": SAMPLER_LABELS[key.scheduler], "CFG scale": key.guidance_scale,
             "Seed": seed, "Size": f"{key.width}x{key.height}", "Model": self.models.base_tag,
         }
-        if key.kind == "refine":
+        if isinstance(req, RefineRequest):
             params.update({"Refiner": self.models.refiner_tag, "Denoising strength": key.strength,
-                           "Source image": str(req.image_id)})  # type: ignore[union-attr]
+                           "Source image": str(req.image_id)})
         elif key.refine != "none":
             params.update({"Refiner": self.models.refiner_tag, "Refine mode": key.refine})
             params["Refiner switch at" if key.refine == "ensemble" else "Refiner strength"] = (
@@ -121,64 +196,59 @@ class Generation:
             params["Synthetic"] = "true"
         return params
 
-    async def run(self, req: GenerateRequest | RefineRequest, priority: int = 0,
-                  on_submit: Callable[[list[Job]], None] | None = None) -> tuple[Job, list[Generated]]:
-        """Submit one request, wait for it, store its images."""
-        work = self.txt2img_work(req) if isinstance(req, GenerateRequest) else self.refine_work(req)
-        (job,) = self.submit([work], priority)
-        if on_submit is not None:
-            on_submit([job])
-        images = await self.wait(job)
-        return job, await asyncio.to_thread(self.store, job, images, req)
-
-    async def run_batch(self, requests: list[GenerateRequest], received: float) -> list[BatchItem]:
+    async def run_batch(self, requests: list[GenerateRequest], ctx: RequestContext) -> list[BatchItem]:
         """Submit all requests at once so that compatible ones share a pipeline call; answer each alone."""
         items: list[BatchItem | None] = [None] * len(requests)
         works, index = [], []
         for i, req in enumerate(requests):
             try:
-                works.append(self.txt2img_work(req))
+                works.append(self.work(req))
                 index.append(i)
             except ServiceError as exc:
                 items[i] = _failure(exc)
+        timeout = min(self.timeout, ctx.deadline_s or self.timeout)
         try:
-            jobs = self.submit(works) if works else []
+            jobs = self.scheduler.submit(works, timeout=timeout, priority=ctx.principal.tier.priority) if works else []
         except ServiceError as exc:
             return [item or _failure(exc) for item in items]
 
         async def finish(req: GenerateRequest, job: Job) -> BatchItem:
             try:
-                images = await self.wait(job)
-                generated = await asyncio.to_thread(self.store, job, images, req)
+                images = await self.wait(job, timeout)
+                stored = await asyncio.to_thread(self.store, job.work, images, req)
             except ServiceError as exc:
                 return _failure(exc)
-            return BatchItem(ok=True, result=self.response(req, job, generated, received))
+            outcome = Outcome(images=stored, queue_s=job.queue_seconds, gpu_s=job.run_seconds)
+            return BatchItem(ok=True, result=self.response(req, outcome, ctx))
 
         done = await asyncio.gather(*(finish(requests[i], job) for i, job in zip(index, jobs)))
         for i, item in zip(index, done):
             items[i] = item
-        return [item for item in items if item is not None]
+        answered = [item for item in items if item is not None]
+        ctx.audit.update(outcome="ok" if all(i.ok for i in answered) else "error",
+                         image_ids=[img.id for i in answered if i.result for img in i.result.images])
+        return answered
 
     # -- answers -----------------------------------------------------------------------------
     def url(self, image_id: str) -> str:
         return f"{self.public_url}/images/{image_id}"
 
-    def response(self, req: GenerateRequest | RefineRequest, job: Job, generated: list[Generated],
-                 received: float) -> GenerateResponse:
+    def response(self, req: Request, outcome: Outcome, ctx: RequestContext) -> GenerateResponse:
         results = [
-            ImageResult(id=g.id, url=self.url(g.id), seed=g.seed, width=g.width, height=g.height,
+            ImageResult(id=i.id, url=self.url(i.id), seed=i.seed, width=i.width, height=i.height,
                         format=req.output_format,
-                        base64=base64.b64encode(g.data).decode() if req.return_base64 else None)
-            for g in generated
+                        base64=base64.b64encode(i.data).decode() if req.return_base64 else None)
+            for i in outcome.images
         ]
-        uses_refiner = job.work.key.kind == "refine" or job.work.key.refine != "none"
+        uses_refiner = isinstance(req, RefineRequest) or req.refine != RefineMode.none
         return GenerateResponse(
             images=results, model=self.models.base_tag,
             refiner=self.models.refiner_tag if uses_refiner else None, synthetic=self.models.synthetic,
-            timings=Timings(queue_s=round(job.queue_seconds, 4), generate_s=round(job.run_seconds, 4),
-                            total_s=round(time.monotonic() - received, 4)),
+            cache=outcome.cache,
+            timings=Timings(queue_s=round(outcome.queue_s, 4), generate_s=round(outcome.gpu_s, 4),
+                            total_s=round(time.monotonic() - ctx.received, 4)),
             parameters={**req.model_dump(mode="json", exclude={"return_base64"}),
-                        "seeds": [g.seed for g in generated]},
+                        "seeds": [i.seed for i in outcome.images]},
         )
 
 

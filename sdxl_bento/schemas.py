@@ -132,6 +132,8 @@ class GenerateResponse(BaseModel):
     model: str
     refiner: Optional[str] = None
     synthetic: bool = False
+    cache: Optional[str] = None
+    """``hit`` when served from the result cache (no GPU work), ``miss`` when cacheable but generated."""
     timings: Timings
     parameters: dict[str, Any]
 

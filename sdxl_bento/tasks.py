@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
 
+from .journal import TaskJournal, TaskRecord
 from .scheduler import Job, JobState, Scheduler
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ class _Entry:
 
 
 class TaskRegistry:
-    def __init__(self) -> None:
+    def __init__(self, journal: TaskJournal | None = None) -> None:
+        self.journal = journal
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
         self.scheduler: Scheduler | None = None
@@ -59,10 +61,12 @@ class TaskRegistry:
             entry = self._entries.get(task_id)
             return bool(entry and entry.cancelled)
 
-    def ended(self, task_id: str, status: str) -> None:
+    def ended(self, task_id: str, status: str, reason: str | None = None) -> None:
         with self._lock:
             if task_id in self._entries:
                 self._entries[task_id].ended = status
+        if self.journal is not None:
+            self.journal.finished(task_id, status, reason)
 
     def cancel(self, task_id: str) -> str:
         """``cancelled``, ``ended:<status>`` or ``unknown``."""
@@ -101,6 +105,16 @@ class TaskRegistry:
         return info
 
 
+def _caller(scope: dict[str, Any]) -> str | None:
+    """The API key's name set by the gateway; None when the service runs without keys."""
+    principal = scope.get("state", {}).get("principal")
+    return None if principal is None or principal.tier.name == "open" else principal.name
+
+
+async def _not_found(task_id: str, scope, receive, send) -> None:
+    await _json_response(404, {"error": {"type": "not_found", "message": f"no task {task_id}"}})(scope, receive, send)
+
+
 def _json_response(status: int, body: dict[str, Any]):
     from starlette.responses import JSONResponse
 
@@ -108,11 +122,17 @@ def _json_response(status: int, body: dict[str, Any]):
 
 
 class TaskControl:
-    """ASGI middleware for ``/<task>/submit``, ``/<task>/cancel`` and ``/<task>/status``."""
+    """ASGI middleware for the task routes: submit, status, get, cancel.
 
-    def __init__(self, app: Any, registry: TaskRegistry, task_routes: tuple[str, ...]) -> None:
+    It records each accepted task in the journal with its owner (the API key's name, when keys are
+    in use: a key sees and cancels only its own tasks; others get 404, as for an unknown id).
+    """
+
+    def __init__(self, app: Any, registry: TaskRegistry, journal: TaskJournal,
+                 task_routes: tuple[str, ...]) -> None:
         self.app = app
         self.registry = registry
+        self.journal = journal
         self.routes = task_routes
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -123,19 +143,49 @@ class TaskControl:
         if route not in self.routes:
             return await self.app(scope, receive, send)
         task_id = parse_qs(scope.get("query_string", b"").decode()).get("task_id", [""])[0]
-        if action == "cancel" and method == "PUT" and task_id:
-            return await self._cancel(scope, receive, send, task_id)
+        caller = _caller(scope)
         if action in ("submit", "retry") and method == "POST":
-            return await self._rewrite(scope, receive, send, self._on_submit)
+            if action == "retry" and not self._visible(task_id, caller):
+                return await _not_found(task_id, scope, receive, send)
+            return await self._rewrite(scope, receive, send, lambda body: self._on_submit(body, caller, scope))
+        if not task_id or action not in ("cancel", "get", "status"):
+            return await self.app(scope, receive, send)
+        if not self._visible(task_id, caller):
+            return await _not_found(task_id, scope, receive, send)
+        record = self.journal.get(task_id)
+        if action == "cancel" and method == "PUT":
+            return await self._cancel(scope, receive, send, task_id)
         if action == "get" and method == "GET" and self.registry.is_cancelled(task_id):
             response = _json_response(409, {"error": {"type": "cancelled", "message": f"task {task_id} was cancelled"}})
             return await response(scope, receive, send)
-        if action == "status" and method == "GET" and task_id:
+        if record is not None and record.reason == "restart":
+            return await self._lost(action, record, scope, receive, send)
+        if action == "status" and method == "GET":
             return await self._rewrite(scope, receive, send, lambda body: self._on_status(task_id, body))
         return await self.app(scope, receive, send)
 
+    def _visible(self, task_id: str, caller: str | None) -> bool:
+        """Open service: every task. With keys: only the caller's own."""
+        if caller is None:
+            return True
+        record = self.journal.get(task_id)
+        return record is not None and record.owner == caller
+
+    async def _lost(self, action: str, record: TaskRecord, scope, receive, send) -> None:
+        """A task the service was running when it stopped: BentoML has forgotten it, the journal has not."""
+        message = f"task {record.task_id} was lost when the service restarted before it finished; submit it again"
+        if action == "status":
+            response = _json_response(200, {"task_id": record.task_id, "status": "failed", "reason": "restart",
+                                             "message": message})
+        else:
+            response = _json_response(410, {"error": {"type": "restart", "message": message}})
+        await response(scope, receive, send)
+
     async def _cancel(self, scope, receive, send, task_id: str) -> None:
         outcome = self.registry.cancel(task_id)
+        record = self.journal.get(task_id)
+        if outcome == "unknown" and record is not None and record.status != "in_progress":
+            outcome = f"ended:{record.status}"
         if outcome == "unknown":
             response = _json_response(404, {"error": {"type": "not_found", "message": f"no task {task_id}"}})
         elif outcome.startswith("ended:"):
@@ -148,9 +198,11 @@ class TaskControl:
             response = _json_response(200, {"task_id": task_id, "status": "canceled"})
         await response(scope, receive, send)
 
-    def _on_submit(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _on_submit(self, body: dict[str, Any], caller: str | None, scope: dict[str, Any]) -> dict[str, Any]:
         if isinstance(body, dict) and "task_id" in body:
             self.registry.submitted(body["task_id"])
+            self.journal.accepted(body["task_id"], caller)
+            scope.setdefault("state", {}).setdefault("audit", {})["task_id"] = body["task_id"]
         return body
 
     def _on_status(self, task_id: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,14 @@ add up (``livesum``) or take the worst (``max``).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
+
+
+@functools.cache
+def metrics() -> "Metrics":
+    """The process's metrics, created on first use (inside a worker, never at import)."""
+    return Metrics()
 
 
 class Metrics:

@@ -55,9 +55,11 @@ class Server:
 
 
 def service_env(home: Path, images: Path, **settings: str) -> dict[str, str]:
+    """The environment of a served process: its own image store and state (journal, audit) folders."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SDXL_BENTO_")}
     env.update(BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="true", SDXL_BENTO_IMAGE_DIR=str(images),
-               SDXL_BENTO_DEVICE="cpu", PYTHONUNBUFFERED="1")
+               SDXL_BENTO_STATE_DIR=str(images.parent / f"{images.name}-state"), SDXL_BENTO_DEVICE="cpu",
+               PYTHONUNBUFFERED="1")
     env.update({f"SDXL_BENTO_{k.upper()}": str(v) for k, v in settings.items()})
     return env
 
@@ -72,3 +74,27 @@ def server(bentoml_home, tmp_path_factory):
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server on a free loopback port (CI installs Debian's redis-server)."""
+    import shutil
+
+    import redis
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (CI installs it: apt-get install redis-server)")
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0", proc
+    proc.kill()
+    proc.wait()

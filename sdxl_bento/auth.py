@@ -1,0 +1,401 @@
+"""API keys, the tier each key belongs to, and the per-request limits a tier sets.
+
+Keys are stored only as SHA-256 hashes, so a leaked keys file gives no one access; the raw key is
+shown once, by ``add_key``, and never appears in a repr, a log line or an error message.
+Without a keys file the service runs open (``OPEN_TIER`` for everyone).
+
+Keys file, YAML (``.yaml``/``.yml``) or TOML (``.toml``), chosen by suffix::
+
+    tiers:                  # optional: change fields of default tiers, or define new ones (every field needed)
+      free: {requests_per_minute: 5}
+    keys:
+      - name: marketing     # shown in logs and the audit log; unique
+        sha256: "<64 hex>"  # sha256 of the raw key, hex
+        tier: standard
+        overrides: {images_per_minute: 200}   # optional: any Tier field except name
+
+The same in TOML: ``[tiers.free]`` tables and one ``[[keys]]`` table per key.
+Anything wrong (unknown tier, field or top-level entry, a hash that is not 64 hex digits, a
+duplicate name or hash, a bad value) is a ``ValueError`` naming the file, the key and the problem:
+the service refuses to start rather than run with a half-understood file.
+
+``add_key`` rewrites a YAML file through ``yaml.safe_dump`` (comments are not kept); to a TOML file
+it appends one ``[[keys]]`` table as text (comments are kept), written by a small emitter and
+parsed back before the file is replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import stat
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from .errors import ServiceError
+
+KEY_PREFIX = "sk-sdxl-"
+
+
+class Unauthorized(ServiceError):
+    """No API key, or one that matches no stored hash."""
+
+    status, type = 401, "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "WWW-Authenticate": 'Bearer realm="sdxl-bento"'}
+
+
+class Forbidden(ServiceError):
+    """A valid key asking for more than its tier allows."""
+
+    status, type = 403, "forbidden"
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    priority: int
+    """Higher goes first in the queue."""
+    requests_per_minute: float
+    images_per_minute: float
+    burst_requests: int
+    """Capacity of the request bucket."""
+    burst_images: int
+    """Capacity of the image bucket."""
+    max_concurrent_jobs: int
+    max_pixels: int
+    """Largest width x height."""
+    max_steps: int
+    max_images: int
+    """Most images in one request."""
+    default_deadline_s: float
+    refiner_allowed: bool
+    safety_optional: bool
+    """May this tier turn the NSFW check off."""
+
+    def __post_init__(self) -> None:
+        for name, kind in _TIER_TYPES.items():
+            value = getattr(self, name)
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, name, value := float(value))
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ValueError(f"{name} must be {kind.__name__}, not {value!r}")
+            if kind in (int, float) and name != "priority" and not value > 0:
+                raise ValueError(f"{name} must be above 0, not {value!r}")
+        if not self.name:
+            raise ValueError("a tier needs a name")
+
+
+_TIER_TYPES: dict[str, type] = {f.name: get_type_hints(Tier)[f.name] for f in fields(Tier)}
+_OVERRIDABLE = frozenset(_TIER_TYPES) - {"name"}
+
+DEFAULT_TIERS: dict[str, Tier] = {
+    "free": Tier("free", priority=0, requests_per_minute=10, images_per_minute=20, burst_requests=5,
+                 burst_images=10, max_concurrent_jobs=1, max_pixels=1024 * 1024, max_steps=40, max_images=2,
+                 default_deadline_s=120, refiner_allowed=False, safety_optional=False),
+    "standard": Tier("standard", priority=5, requests_per_minute=60, images_per_minute=120, burst_requests=20,
+                     burst_images=40, max_concurrent_jobs=4, max_pixels=1536 * 1536, max_steps=60, max_images=4,
+                     default_deadline_s=300, refiner_allowed=True, safety_optional=False),
+    "premium": Tier("premium", priority=10, requests_per_minute=300, images_per_minute=600, burst_requests=60,
+                    burst_images=120, max_concurrent_jobs=16, max_pixels=2048 * 2048, max_steps=100, max_images=8,
+                    default_deadline_s=600, refiner_allowed=True, safety_optional=True),
+}
+
+OPEN_TIER = Tier("open", priority=5, requests_per_minute=1e9, images_per_minute=1e9, burst_requests=10**9,
+                 burst_images=10**9, max_concurrent_jobs=10**9, max_pixels=2048 * 2048, max_steps=100,
+                 max_images=8, default_deadline_s=300, refiner_allowed=True, safety_optional=True)
+"""No keys file: every request limit at the API's own maximum, rates effectively unlimited (finite, so
+token-bucket arithmetic stays plain)."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is asking: the key's name, never the key."""
+
+    name: str
+    tier: Tier
+    """The key's tier with its overrides applied."""
+    key_id: str
+    """First 8 hex digits of the key's sha256, for logs."""
+
+
+OPEN_PRINCIPAL = Principal("anonymous", OPEN_TIER, "")
+"""Everyone, when the service runs without a keys file."""
+
+
+class KeyStore:
+    """Stored key hashes and the tiers they map to; built by ``load`` (or ``from_dict``)."""
+
+    def __init__(self, tiers: Mapping[str, Tier], keys: Iterable[tuple[bytes, Principal]] = ()) -> None:
+        self.tiers: dict[str, Tier] = dict(tiers)
+        self._keys = list(keys)
+
+    @classmethod
+    def load(cls, path: Path) -> KeyStore:
+        path = Path(path)
+        fmt = _format(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read the keys file: {exc.strerror or exc}") from None
+        return cls.from_dict(_parse(text, fmt, path), source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "keys file") -> KeyStore:
+        try:
+            return cls._build(data)
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+
+    @classmethod
+    def _build(cls, data: Any) -> KeyStore:
+        if not isinstance(data, Mapping):
+            raise ValueError("the top level must be a mapping with 'tiers' and 'keys'")
+        if unknown := set(data) - {"tiers", "keys"}:
+            raise ValueError(f"unknown top-level entries {sorted(unknown)} (allowed: tiers, keys)")
+        tiers = dict(DEFAULT_TIERS)
+        tier_specs = data.get("tiers") or {}
+        if not isinstance(tier_specs, Mapping):
+            raise ValueError("'tiers' must be a mapping of tier name to fields")
+        for name, spec in tier_specs.items():
+            tiers[name] = _tier(name, spec, tiers.get(name))
+        key_specs = data.get("keys") or []
+        if not isinstance(key_specs, list):
+            raise ValueError("'keys' must be a list")
+        keys: list[tuple[bytes, Principal]] = []
+        names: set[str] = set()
+        hashes: dict[bytes, str] = {}
+        for i, spec in enumerate(key_specs):
+            digest, principal = _key(i, spec, tiers)
+            if principal.name in names:
+                raise ValueError(f"key {principal.name!r}: duplicate name")
+            if digest in hashes:
+                raise ValueError(f"key {principal.name!r}: same sha256 as key {hashes[digest]!r}")
+            names.add(principal.name)
+            hashes[digest] = principal.name
+            keys.append((digest, principal))
+        return cls(tiers, keys)
+
+    @property
+    def names(self) -> list[str]:
+        return [principal.name for _, principal in self._keys]
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __repr__(self) -> str:
+        return f"KeyStore(keys={len(self._keys)}, tiers={len(self.tiers)})"
+
+    def authenticate(self, raw_key: str | None) -> Principal | None:
+        """The principal whose hash matches, or None.
+
+        Every stored hash is compared, in constant time, with no early exit, so the time taken
+        says nothing about which key (if any) matched.
+        """
+        if not raw_key:
+            return None
+        digest = hashlib.sha256(raw_key.encode("utf-8", "surrogatepass")).digest()
+        found = None
+        for stored, principal in self._keys:
+            if hmac.compare_digest(digest, stored):
+                found = principal
+        return found
+
+    def principal(self, headers: Mapping[str, str]) -> Principal:
+        """The caller named by the request headers; ``Unauthorized`` without a valid key."""
+        raw = extract_key(headers)
+        if raw is None:
+            raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+        found = self.authenticate(raw)
+        if found is None:
+            raise Unauthorized("invalid API key")
+        return found
+
+
+def _tier(name: Any, spec: Any, base: Tier | None) -> Tier:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"tier name {name!r} must be a non-empty string")
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"tier {name!r}: must be a mapping of fields")
+    if unknown := set(spec) - _OVERRIDABLE:
+        raise ValueError(f"tier {name!r}: unknown fields {sorted(unknown)}")
+    values = {} if base is None else asdict(base)
+    if base is None and (missing := _OVERRIDABLE - set(spec)):
+        raise ValueError(f"tier {name!r} is new, so it needs every field; missing {sorted(missing)}")
+    try:
+        return Tier(**{**values, **spec, "name": name})
+    except ValueError as exc:
+        raise ValueError(f"tier {name!r}: {exc}") from None
+
+
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def _key(index: int, spec: Any, tiers: Mapping[str, Tier]) -> tuple[bytes, Principal]:
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"keys[{index}]: must be a mapping with name, sha256, tier")
+    name = spec.get("name")
+    try:
+        _check_name(name)
+    except ValueError as exc:
+        raise ValueError(f"keys[{index}]: {exc}") from None
+    where = f"key {name!r}"
+    if unknown := set(spec) - {"name", "sha256", "tier", "overrides"}:
+        raise ValueError(f"{where}: unknown fields {sorted(unknown)} (allowed: name, sha256, tier, overrides)")
+    sha = spec.get("sha256")
+    if not isinstance(sha, str) or not _HEX64.fullmatch(sha):
+        raise ValueError(f"{where}: sha256 must be 64 hex digits (a quoted string)")
+    tier_name = spec.get("tier")
+    if tier_name not in tiers:
+        raise ValueError(f"{where}: unknown tier {tier_name!r} (known: {', '.join(sorted(tiers))})")
+    overrides = spec.get("overrides") or {}
+    if not isinstance(overrides, Mapping):
+        raise ValueError(f"{where}: overrides must be a mapping of tier fields")
+    if unknown := set(overrides) - _OVERRIDABLE:
+        raise ValueError(f"{where}: unknown override fields {sorted(unknown)}")
+    try:
+        tier = replace(tiers[tier_name], **overrides)
+    except ValueError as exc:
+        raise ValueError(f"{where}: overrides: {exc}") from None
+    return bytes.fromhex(sha), Principal(name, tier, sha[:8].lower())
+
+
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str) or not name or len(name) > 100 or name != name.strip() or not name.isprintable():
+        raise ValueError(f"key name {name!r} must be 1-100 printable characters, without surrounding spaces")
+
+
+def _format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        return "yaml"
+    if suffix == ".toml":
+        return "toml"
+    raise ValueError(f"{path}: keys file must end in .yaml, .yml or .toml")
+
+
+def _parse(text: str, fmt: str, path: Path) -> Any:
+    if fmt == "toml":
+        import tomllib
+
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path}: not valid TOML: {exc}") from None
+    import yaml
+
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+
+
+def extract_key(headers: Mapping[str, str]) -> str | None:
+    """The key from ``Authorization: Bearer KEY`` (scheme in any case) or else ``X-API-Key: KEY``.
+
+    Header names are matched in any case, so Starlette's ``Headers`` and plain dicts both work.
+    """
+    lowered = {name.lower(): value for name, value in headers.items()}
+    scheme, _, rest = (lowered.get("authorization") or "").strip().partition(" ")
+    if scheme.lower() == "bearer" and rest.strip():
+        return rest.strip()
+    return (lowered.get("x-api-key") or "").strip() or None
+
+
+def check_request(tier: Tier, *, width: int, height: int, steps: int, num_images: int, refine: bool,
+                  safety_check: bool = True) -> None:
+    """``Forbidden``, naming the limit, when a request asks for more than its tier allows."""
+
+    def deny(message: str, limit: str, allowed: Any) -> Forbidden:
+        return Forbidden(message, tier=tier.name, limit=limit, allowed=allowed)
+
+    if refine and not tier.refiner_allowed:
+        raise deny(f"the {tier.name} tier may not use the refiner", "refiner_allowed", False)
+    if not safety_check and not tier.safety_optional:
+        raise deny(f"the {tier.name} tier may not turn off the safety check", "safety_optional", False)
+    if width * height > tier.max_pixels:
+        raise deny(f"{width}x{height} ({width * height} pixels) is above the {tier.name} tier's limit of "
+                   f"{tier.max_pixels} pixels", "max_pixels", tier.max_pixels)
+    if steps > tier.max_steps:
+        raise deny(f"steps {steps} is above the {tier.name} tier's limit of {tier.max_steps}",
+                   "max_steps", tier.max_steps)
+    if num_images > tier.max_images:
+        raise deny(f"num_images {num_images} is above the {tier.name} tier's limit of {tier.max_images}",
+                   "max_images", tier.max_images)
+
+
+def add_key(path: Path, name: str, tier: str) -> str:
+    """Create a key, store its hash under ``name`` in the keys file, and return the raw key.
+
+    The file is created (mode 0600) when missing and replaced atomically otherwise (keeping its
+    mode). The key is returned once for the caller to show; it is stored nowhere.
+    """
+    path = Path(path)
+    fmt = _format(path)
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    data = _parse(text, fmt, path) if text.strip() else {}
+    store = KeyStore.from_dict(data, source=str(path))
+    _check_name(name)
+    if name in store.names:
+        raise ValueError(f"{path}: a key named {name!r} already exists")
+    if tier not in store.tiers:
+        raise ValueError(f"{path}: unknown tier {tier!r} (known: {', '.join(sorted(store.tiers))})")
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    entry = {"name": name, "sha256": hashlib.sha256(key.encode()).hexdigest(), "tier": tier}
+    if fmt == "yaml":
+        import yaml
+
+        new_text = yaml.safe_dump({**data, "keys": [*(data.get("keys") or []), entry]},
+                                  sort_keys=False, allow_unicode=True)
+    else:
+        table = "[[keys]]\n" + "".join(f"{k} = {_toml_string(v)}\n" for k, v in entry.items())
+        new_text = text + ("\n" if text and not text.endswith("\n") else "") + ("\n" if text.strip() else "") + table
+    try:
+        written = KeyStore.from_dict(_parse(new_text, fmt, path))
+    except ValueError as exc:
+        raise ValueError(f"{path}: cannot add the key to this file ({exc}); add a [[keys]] table by hand") from None
+    if written.authenticate(key) is None or written.names[-1] != name:
+        raise ValueError(f"{path}: the key could not be added to this file; add it by hand")
+    _write_atomic(path, new_text)
+    return key
+
+
+def _toml_string(value: str) -> str:
+    """A TOML basic string: quote and backslash escaped, control characters as \\uXXXX."""
+    out = []
+    for ch in value:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    target = path.resolve()
+    mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o600
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+__all__ = ["DEFAULT_TIERS", "OPEN_PRINCIPAL", "OPEN_TIER", "Forbidden", "KeyStore", "Principal", "Tier",
+           "Unauthorized", "add_key", "check_request", "extract_key"]
