@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 from typing import Any
 
 import bentoml
@@ -17,6 +18,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
+from starlette.staticfiles import StaticFiles
 
 from sdxl_bento import schemas, store
 from sdxl_bento.audit import AuditLog
@@ -63,6 +65,7 @@ async def _get_image(request: Request) -> Response:
 
 
 images_app = Starlette(routes=[Route("/{image_id}", _get_image, methods=["GET"])])
+ui_app = StaticFiles(directory=str(Path(__file__).parent / "sdxl_bento" / "ui"), html=True)
 
 
 def answers_errors(func):
@@ -95,6 +98,7 @@ def request_context(ctx: bentoml.Context) -> RequestContext:
 
 
 @bentoml.asgi_app(images_app, path="/images")
+@bentoml.asgi_app(ui_app, path="/ui")
 @bentoml.service(
     name="sdxl",
     description="Stable Diffusion XL 1.0 text-to-image, with refiner, batching and async tasks.",
