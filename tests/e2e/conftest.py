@@ -64,11 +64,21 @@ def service_env(home: Path, images: Path, **settings: str) -> dict[str, str]:
     return env
 
 
+def private_home(shared: Path, root: Path) -> Path:
+    """A BENTOML_HOME of its own (``bentoml serve`` re-creates the task database in its home at every
+    start), sharing the session's model store."""
+    home = root / "bentoml-home"
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "models").exists():
+        (home / "models").symlink_to(shared / "models", target_is_directory=True)
+    return home
+
+
 @pytest.fixture(scope="session")
 def server(bentoml_home, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "server.log"
-    srv = Server(service_env(bentoml_home, tmp_path_factory.mktemp("images"), max_concurrency=4, concurrency=2,
-                             timeout=60), log)
+    root = tmp_path_factory.mktemp("server")
+    srv = Server(service_env(private_home(bentoml_home, root), root / "images", max_concurrency=4, concurrency=2,
+                             timeout=60), root / "server.log")
     try:
         srv.wait_ready()
         yield srv

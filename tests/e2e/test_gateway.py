@@ -1,0 +1,290 @@
+"""The production gateway against real services: two `bentoml serve` processes sharing one real Redis.
+
+Keys are made with the project's own command (`sdxl-bento keys add`); tiers are tightened in the keys
+file so that limits are reached with a handful of cheap requests.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import redis
+import yaml
+
+from .conftest import REPO, Server, free_port, private_home, service_env
+
+pytestmark = pytest.mark.e2e
+CHEAP = {"width": 256, "height": 256, "steps": 2}
+TIERS = {
+    "free": {"max_steps": 10, "burst_requests": 50, "requests_per_minute": 600, "burst_images": 50,
+             "images_per_minute": 600, "max_concurrent_jobs": 4, "default_deadline_s": 60},
+    "standard": {"burst_requests": 3, "requests_per_minute": 0.5, "burst_images": 10, "images_per_minute": 10},
+    "premium": {"burst_requests": 200, "requests_per_minute": 6000, "burst_images": 400, "images_per_minute": 6000},
+}
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (scripts/test installs it)")
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0", proc
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    """name -> raw key; the file holds only hashes."""
+    path = tmp_path_factory.mktemp("keys") / "keys.yaml"
+    path.write_text(yaml.safe_dump({"tiers": TIERS, "keys": []}))
+    made = {}
+    for name, tier in [("alice", "free"), ("bob", "free"), ("carol", "free"), ("dave", "free"),
+                       ("limited", "standard"), ("shared", "standard"), ("boss", "premium"), ("vip", "premium")]:
+        out = subprocess.run([sys.executable, "-m", "sdxl_bento.cli", "keys", "add", name, "--tier", tier,
+                              "--file", str(path)], capture_output=True, text=True, check=True)
+        made[name] = out.stdout.strip().splitlines()[-1]
+    text = path.read_text()
+    assert all(key not in text for key in made.values())
+    return path, made
+
+
+@pytest.fixture(scope="module")
+def servers(bentoml_home, redis_url, keys, tmp_path_factory):
+    """Two service processes (as two replicas) on one Redis and one keys file."""
+    started = []
+    for name in ("a", "b"):
+        root = tmp_path_factory.mktemp(f"gateway-{name}")
+        env = service_env(private_home(bentoml_home, root), root / "images", keys_file=keys[0],
+                          redis_url=redis_url[0], concurrency=1, max_concurrency=16, timeout=60,
+                          audit_log=root / "audit.jsonl")
+        started.append(Server(env, root / "server.log"))
+    try:
+        for srv in started:
+            srv.wait_ready()
+        yield started
+    finally:
+        for srv in started:
+            srv.stop()
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def audit_lines(srv: Server) -> list[dict]:
+    path = srv.log.parent / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_keys_are_required_and_checked(servers, keys):
+    a = servers[0]
+    body = {"prompt": "a cat", **CHEAP}
+    for headers in ({}, {"Authorization": "Bearer sk-sdxl-wrong"}, {"X-API-Key": "nope"}):
+        r = httpx.post(f"{a.url}/generate", json=body, headers=headers, timeout=60)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized"
+    assert httpx.post(f"{a.url}/jobs/submit", json=body, timeout=60).status_code == 401
+    assert httpx.post(f"{a.url}/generate", json=body, headers=auth(keys[1]["alice"]), timeout=60).status_code == 200
+    assert httpx.post(f"{a.url}/generate", json=body, headers={"X-API-Key": keys[1]["alice"]},
+                      timeout=60).status_code == 200
+    assert httpx.get(f"{a.url}/readyz").status_code == 200  # health stays open
+    log = (a.log.parent / "audit.jsonl").read_text()
+    assert all(key not in log for key in keys[1].values())
+    assert all(key not in a.log.read_text() for key in keys[1].values())
+
+
+def test_tier_limits_are_403_naming_the_limit(servers, keys):
+    a = servers[0]
+    r = httpx.post(f"{a.url}/generate", json={"prompt": "x", **CHEAP, "steps": 20}, headers=auth(keys[1]["alice"]),
+                   timeout=60)
+    assert r.status_code == 403 and "steps 20 is above the free tier's limit of 10" in r.json()["error"]["message"]
+    r = httpx.post(f"{a.url}/generate", json={"prompt": "x", **CHEAP, "refine": "ensemble"},
+                   headers=auth(keys[1]["alice"]), timeout=60)
+    assert r.status_code == 403 and "refiner" in r.json()["error"]["message"]
+    r = httpx.post(f"{a.url}/generate", json={"prompt": "x", **CHEAP, "refine": "ensemble"},
+                   headers=auth(keys[1]["boss"]), timeout=60)
+    assert r.status_code == 200
+
+
+def test_rate_limit_is_429_with_headers(servers, keys):
+    a = servers[0]
+    answers = [httpx.post(f"{a.url}/generate", json={"prompt": f"r{i}", **CHEAP}, headers=auth(keys[1]["limited"]),
+                          timeout=60) for i in range(4)]
+    assert [r.status_code for r in answers] == [200, 200, 200, 429]
+    assert answers[0].headers["x-ratelimit-limit"] == "3"
+    assert [r.headers["x-ratelimit-remaining"] for r in answers[:3]] == ["2", "1", "0"]
+    refused = answers[3]
+    assert int(refused.headers["retry-after"]) >= 1 and refused.headers["x-ratelimit-remaining"] == "0"
+    assert int(refused.headers["x-ratelimit-reset"]) >= 1
+    assert refused.json()["error"]["type"] == "rate_limited"
+
+
+def test_two_processes_share_one_limit_through_redis(servers, keys):
+    a, b = servers
+    codes = [httpx.post(f"{srv.url}/generate", json={"prompt": f"s{i}", **CHEAP}, headers=auth(keys[1]["shared"]),
+                        timeout=60).status_code for i, srv in enumerate([a, b, a, b])]
+    assert codes == [200, 200, 200, 429]
+
+
+def _metric(srv: Server, name: str) -> float:
+    text = httpx.get(f"{srv.url}/metrics", timeout=30).text
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
+              or line.startswith(name + "{")]
+    return sum(values)
+
+
+def test_identical_requests_cost_the_gpu_once(servers, keys):
+    a = servers[0]
+    before = _metric(a, "sdxl_images_generated_total")
+    body = {"prompt": "coalesce me", "seed": 99, **CHEAP}
+
+    def call(_):
+        return httpx.post(f"{a.url}/generate", json=body, headers=auth(keys[1]["boss"]), timeout=60)
+
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(call, range(10)))
+    assert all(r.status_code == 200 for r in answers)
+    assert len({r.json()["images"][0]["id"] for r in answers}) == 1
+    caches = sorted(r.headers["x-cache"] for r in answers)
+    assert caches.count("miss") == 1 and caches.count("hit") == 9
+    assert _metric(a, "sdxl_images_generated_total") - before == 1
+    again = call(0)
+    assert again.headers["x-cache"] == "hit" and again.json()["timings"]["generate_s"] == 0
+    unseeded = httpx.post(f"{a.url}/generate", json={"prompt": "coalesce me", **CHEAP}, headers=auth(keys[1]["boss"]),
+                          timeout=60)
+    assert "x-cache" not in unseeded.headers  # no seed: not cacheable by default
+
+
+def _submit(srv: Server, key: str, body: dict) -> str:
+    r = httpx.post(f"{srv.url}/jobs/submit", json=body, headers=auth(key), timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["task_id"]
+
+
+def _wait_done(srv: Server, key: str, task_id: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = httpx.get(f"{srv.url}/jobs/status", params={"task_id": task_id}, headers=auth(key), timeout=30).json()
+        if status["status"] != "in_progress":
+            return status
+        time.sleep(0.1)
+    raise TimeoutError(task_id)
+
+
+def test_premium_goes_first_under_load_and_tasks_are_private(servers, keys):
+    a = servers[0]
+    k = keys[1]
+    blocker = _submit(a, k["vip"], {"prompt": "blocker", "width": 512, "height": 512, "steps": 40})
+    time.sleep(0.5)
+    free_tasks = [(name, _submit(a, k[name], {"prompt": f"free {name}", "width": 512, "height": 512, "steps": 10}))
+                  for name in ("alice", "bob", "carol")]
+    premium = _submit(a, k["boss"], {"prompt": "premium", "width": 512, "height": 512, "steps": 10})
+    status = httpx.get(f"{a.url}/jobs/status", params={"task_id": premium}, headers=auth(k["boss"])).json()
+    assert status["state"] in ("queued", "running")
+    # another key cannot see, fetch or cancel it
+    for method, action in (("GET", "status"), ("GET", "get"), ("PUT", "cancel")):
+        r = httpx.request(method, f"{a.url}/jobs/{action}", params={"task_id": premium}, headers=auth(k["dave"]))
+        assert r.status_code == 404
+    finished = {}
+    for name, task_id in [("premium", premium), *free_tasks, ("blocker", blocker)]:
+        key = k["boss"] if name == "premium" else k["vip"] if name == "blocker" else k[name]
+        assert _wait_done(a, key, task_id)["status"] == "completed"
+    order = [line["task_id"] for line in audit_lines(a) if line.get("task_id")]
+    ends = {tid: i for i, tid in enumerate(order)}
+    assert ends[premium] < min(ends[tid] for _, tid in free_tasks)
+
+
+def test_deadline_is_answered_early_and_nothing_expired_runs(servers, keys):
+    a = servers[0]
+    k = keys[1]
+    blocker = _submit(a, k["vip"], {"prompt": "blocker 2", "width": 512, "height": 512, "steps": 40})
+    time.sleep(0.5)
+    started = time.monotonic()
+    r = httpx.post(f"{a.url}/generate", json={"prompt": "in a hurry", **CHEAP}, timeout=60,
+                   headers={**auth(k["boss"]), "X-Request-Deadline": "0.5"})
+    assert r.status_code == 503 and r.json()["error"]["type"] == "deadline"
+    assert int(r.headers["retry-after"]) >= 1 and time.monotonic() - started < 5
+    assert httpx.post(f"{a.url}/generate", json={"prompt": "x", **CHEAP}, headers={
+        **auth(k["boss"]), "X-Request-Deadline": "soon"}).status_code == 400
+    _wait_done(a, k["vip"], blocker)
+    line = [x for x in audit_lines(a) if x.get("prompt") == "in a hurry"][-1]
+    assert line["outcome"] == "error" and line["reason"] == "deadline" and line["image_ids"] == []
+
+
+def test_every_request_gets_one_complete_audit_line(servers, keys):
+    b = servers[1]
+    before = len(audit_lines(b))
+    k = keys[1]
+
+    def call(i):
+        key = k["boss"] if i % 4 else "wrong-key"
+        return httpx.post(f"{b.url}/generate", json={"prompt": f"audit {i}", "seed": i, **CHEAP}, headers=auth(key),
+                          timeout=60)
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(call, range(12)))
+    lines = audit_lines(b)[before:]
+    assert len(lines) == 12
+    assert sorted(line["status"] for line in lines) == sorted(r.status_code for r in answers)
+    for line in lines:
+        assert {"time", "key_name", "tier", "endpoint", "prompt", "parameters", "outcome", "status", "cache",
+                "queue_s", "gpu_s", "image_ids"} <= set(line)
+        if line["status"] == 200:
+            assert line["key_name"] == "boss" and line["tier"] == "premium" and line["outcome"] == "ok"
+            assert line["parameters"]["seed"] == int(line["prompt"].split()[-1]) and len(line["image_ids"]) == 1
+            assert line["model"].startswith("sdxl-base:") and line["gpu_s"] is not None
+        else:
+            assert line["status"] == 401 and line["outcome"] == "rejected"
+
+
+def test_redis_going_away_does_not_stop_the_service(servers, keys, redis_url):
+    """Last in this module: it kills the module's Redis."""
+    a = servers[0]
+    redis_url[1].kill()
+    redis_url[1].wait()
+    r = httpx.post(f"{a.url}/generate", json={"prompt": "no redis", "seed": 7, **CHEAP}, headers=auth(keys[1]["boss"]),
+                   timeout=60)
+    assert r.status_code == 200
+    assert _metric(a, "sdxl_ratelimit_redis_degraded") == 1
+
+
+def test_tasks_left_unfinished_by_a_crash_are_failed_with_reason_restart(bentoml_home, tmp_path):
+    root = tmp_path
+    env = service_env(private_home(bentoml_home, root), root / "images", concurrency=1, timeout=120)
+    first = Server(env, root / "first.log")
+    try:
+        first.wait_ready()
+        task_id = httpx.post(f"{first.url}/jobs/submit", json={"prompt": "interrupted", "width": 1024,
+                                                                "height": 1024, "steps": 100}).json()["task_id"]
+        time.sleep(1)
+    finally:
+        os.killpg(first.proc.pid, 9)  # a crash: no graceful shutdown
+        first.proc.wait()
+        first._log_file.close()
+    second = Server(env, root / "second.log")
+    try:
+        second.wait_ready()
+        status = httpx.get(f"{second.url}/jobs/status", params={"task_id": task_id}).json()
+        assert status["status"] == "failed" and status["reason"] == "restart"
+        r = httpx.get(f"{second.url}/jobs/get", params={"task_id": task_id})
+        assert r.status_code == 410 and r.json()["error"]["type"] == "restart"
+        assert httpx.put(f"{second.url}/jobs/cancel", params={"task_id": task_id}).status_code == 409
+    finally:
+        second.stop()
