@@ -140,7 +140,7 @@ class SDXL:
             self.scheduler, image_store,
             ModelInfo(base.tag, refiner.tag if refiner else None, self.engine.models.synthetic),
             timeout=settings.timeout, cache=cache, cache_unseeded=settings.cache_unseeded,
-            public_url=settings.public_url,
+            public_url=settings.public_url, metrics=metrics(),
         )
 
     @bentoml.on_shutdown

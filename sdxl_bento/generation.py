@@ -63,7 +63,8 @@ class Outcome:
 
 class Generation:
     def __init__(self, scheduler: Scheduler, images: ImageStore, models: ModelInfo, *, timeout: float,
-                 cache: ResultCache | None = None, cache_unseeded: bool = False, public_url: str = "") -> None:
+                 cache: ResultCache | None = None, cache_unseeded: bool = False, public_url: str = "",
+                 metrics: Any = None) -> None:
         self.scheduler = scheduler
         self.images = images
         self.models = models
@@ -72,6 +73,8 @@ class Generation:
         self.cache_unseeded = cache_unseeded
         self.coalescer = Coalescer()
         self.public_url = public_url.rstrip("/")
+        self.metrics = metrics
+        self._stats_at = 0.0
 
     # -- requests to works -------------------------------------------------------------------
     def work(self, req: Request) -> Work:
@@ -128,16 +131,30 @@ class Generation:
         assert cache is not None
         hit = await asyncio.to_thread(cache.get, key)
         if hit is not None:
+            self._count("cache_hits")
             return Outcome(images=[self._local(image) for image in hit], cache="hit")
 
         async def produce() -> Outcome:
             outcome = await self._generate(req, work, ctx)
-            await asyncio.to_thread(cache.put, key, outcome.images)
+            await asyncio.to_thread(self._put, key, outcome.images)
             return outcome
 
         outcome, shared = await self.coalescer.run(key, produce)
+        self._count("coalesced" if shared else "cache_misses")
         return Outcome(images=outcome.images, queue_s=outcome.queue_s, gpu_s=0.0 if shared else outcome.gpu_s,
                        cache="hit" if shared else "miss")
+
+    def _count(self, counter: str) -> None:
+        if self.metrics is not None:
+            getattr(self.metrics, counter).inc()
+
+    def _put(self, key: str, images: list[CachedImage]) -> None:
+        """Store in the cache; refresh the cache-size gauge at most every 30 s (Redis counts by scanning)."""
+        assert self.cache is not None
+        self.cache.put(key, images)
+        if self.metrics is not None and time.monotonic() - self._stats_at > 30:
+            self._stats_at = time.monotonic()
+            self.metrics.observe_cache(self.cache.stats())
 
     def _local(self, image: CachedImage) -> CachedImage:
         """A cached image as a file of this server's store (a Redis hit may come from another replica)."""

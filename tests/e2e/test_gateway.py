@@ -165,8 +165,10 @@ def test_identical_requests_cost_the_gpu_once(servers, keys):
     caches = sorted(r.headers["x-cache"] for r in answers)
     assert caches.count("miss") == 1 and caches.count("hit") == 9
     assert _metric(a, "sdxl_images_generated_total") - before == 1
+    assert _metric(a, "sdxl_coalesced_requests_total") >= 9 and _metric(a, "sdxl_cache_misses_total") >= 1
     again = call(0)
     assert again.headers["x-cache"] == "hit" and again.json()["timings"]["generate_s"] == 0
+    assert _metric(a, "sdxl_cache_hits_total") >= 1 and _metric(a, "sdxl_cache_bytes") > 0
     unseeded = httpx.post(f"{a.url}/generate", json={"prompt": "coalesce me", **CHEAP}, headers=auth(keys[1]["boss"]),
                           timeout=60)
     assert "x-cache" not in unseeded.headers  # no seed: not cacheable by default
