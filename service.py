@@ -32,6 +32,7 @@ from sdxl_bento.journal import TaskJournal
 from sdxl_bento.ratelimit import RateLimiter
 from sdxl_bento.schemas import GenerateRequest, GenerateResponse, RefineRequest
 from sdxl_bento.settings import Settings
+from sdxl_bento.shutdown import Drain
 from sdxl_bento.tasks import TaskCancelled, TaskControl, TaskRegistry
 from sdxl_bento.telemetry import metrics
 
@@ -53,6 +54,7 @@ image_store = ImageStore(settings.image_dir)
 journal = TaskJournal(settings.state_dir / "tasks.db")
 task_registry = TaskRegistry(journal)
 active_jobs = ActiveJobs()
+drain = Drain(settings.shutdown_grace_s)
 GENERATION_ROUTES = ("/txt2img", "/generate", "/generate_batch", "/refine", "/jobs/submit", "/jobs/retry")
 
 
@@ -133,7 +135,8 @@ class SDXL:
                                    max_batch_images=settings.max_batch_images, max_jobs=settings.max_concurrency,
                                    aging_per_minute=settings.aging_per_minute, observer=metrics())
         self.scheduler.start()
-        task_registry.scheduler = self.scheduler
+        task_registry.scheduler = drain.scheduler = self.scheduler
+        drain.install()
         cache = make_cache(settings.redis(), image_store, ttl_s=settings.cache_ttl_s,
                            max_bytes=settings.cache_max_bytes) if settings.cache else None
         self.generation = Generation(
@@ -214,5 +217,5 @@ SDXL.add_asgi_middleware(Gateway, keys=keys, limiter=RateLimiter(settings.redis(
                                         stdout=settings.audit_stdout, prompts=settings.audit_prompts),
                          generation_routes=GENERATION_ROUTES,
                          protected_routes=(*GENERATION_ROUTES, "/jobs"),
-                         max_body_bytes=settings.max_body_bytes, active=active_jobs)
+                         max_body_bytes=settings.max_body_bytes, active=active_jobs, drain=drain)
 SDXL.add_asgi_middleware(TaskControl, registry=task_registry, journal=journal, task_routes=("/jobs",))

@@ -55,6 +55,12 @@ class DeadlineExceeded(ServiceError):
     status, type = 503, "deadline"
 
 
+class ShuttingDown(ServiceError):
+    """The service is stopping: not admitted, or not finished within the shutdown grace period."""
+
+    status, type = 503, "shutdown"
+
+
 class Cancelled(ServiceError):
     status, type = 409, "cancelled"
 

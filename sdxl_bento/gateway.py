@@ -20,7 +20,7 @@ from typing import Any
 
 from .audit import AuditLog
 from .auth import OPEN_PRINCIPAL, KeyStore, Principal, Unauthorized, check_request, extract_key
-from .errors import InvalidRequest, ServiceError
+from .errors import InvalidRequest, ServiceError, ShuttingDown
 from .ratelimit import Limit, RateLimiter
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class ActiveJobs:
 class Gateway:
     def __init__(self, app: Any, *, keys: KeyStore | None, limiter: RateLimiter, audit: AuditLog,
                  generation_routes: tuple[str, ...], protected_routes: tuple[str, ...], max_body_bytes: int,
-                 active: ActiveJobs) -> None:
+                 active: ActiveJobs, drain: Any = None) -> None:
         self.app = app
         self.keys = keys
         self.limiter = limiter
@@ -115,6 +115,7 @@ class Gateway:
         self.protected_routes = protected_routes
         self.max_body_bytes = max_body_bytes
         self.active = active
+        self.drain = drain
 
     @property
     def metrics(self) -> Any:
@@ -136,6 +137,9 @@ class Gateway:
             state["principal"] = principal
             if not is_generation:
                 return await self.app(scope, receive, send)
+            if self.drain is not None and self.drain.draining:
+                raise ShuttingDown("the service is shutting down; try again shortly (or another replica)",
+                                   retry_after=30)
             body = await self._read_body(headers, receive)
             params = _json_or_none(body)
             state["deadline_s"] = self._deadline(principal, headers)

@@ -18,7 +18,7 @@ from enum import Enum
 from typing import Any, Callable, Protocol
 
 from .engine import StepCallback, Work
-from .errors import Cancelled, DeadlineExceeded, GenerationFailed, Overloaded, ServiceError
+from .errors import Cancelled, DeadlineExceeded, GenerationFailed, Overloaded, ServiceError, ShuttingDown
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,8 @@ class Scheduler:
         self._running: list[Job] = []
         self._cond = threading.Condition()
         self._stopping = False
+        self._closed = False
+        self._stop_reason = "shutdown"
         self._thread: threading.Thread | None = None
         self._seconds_per_unit: float | None = None
         self.batches_run = 0
@@ -104,16 +106,29 @@ class Scheduler:
         self._thread = threading.Thread(target=self._loop, name="sdxl-scheduler", daemon=True)
         self._thread.start()
 
-    def stop(self, reason: str = "shutdown") -> None:
-        """Stop the loop; jobs still waiting fail with ``reason``."""
+    def close(self) -> None:
+        """Admit nothing new; what was admitted goes on."""
         with self._cond:
-            self._stopping = True
+            self._closed = True
+
+    def stop(self, reason: str = "shutdown", cancel_running: bool = False) -> None:
+        """Stop the loop; jobs still waiting (and running ones, when asked) fail with ``reason``."""
+        with self._cond:
+            self._closed = self._stopping = True
+            self._stop_reason = reason
             waiting, self._queue = self._queue, []
+            running = list(self._running) if cancel_running else []
             self._cond.notify_all()
+        for job in running:
+            job._cancel.set()  # the engine stops at its next step
         for job in waiting:
-            self._finish(job, JobState.failed, GenerationFailed(f"the service stopped ({reason})", reason=reason))
-        if self._thread is not None:
+            self._finish(job, JobState.failed, self._stopped_error())
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
+
+    def _stopped_error(self) -> ShuttingDown:
+        return ShuttingDown(f"the service stopped ({self._stop_reason}) before this request finished",
+                            reason=self._stop_reason, retry_after=30)
 
     # -- admission ---------------------------------------------------------------------------
     def submit(self, works: list[Work], *, timeout: float, priority: int = 0) -> list[Job]:
@@ -122,8 +137,9 @@ class Scheduler:
         jobs = [Job(work=w, deadline=now + timeout, priority=priority, arrival=now,
                     total_steps=w.key.total_steps()) for w in works]
         with self._cond:
-            if self._stopping:
-                raise Overloaded("the service is shutting down", retry_after=30)
+            if self._closed:
+                raise ShuttingDown("the service is shutting down; try again shortly (or another replica)",
+                                   retry_after=30)
             in_system = len(self._queue) + len(self._running)
             if in_system + len(jobs) > self.max_jobs:
                 raise Overloaded(
@@ -241,7 +257,10 @@ class Scheduler:
                 raise RuntimeError("the engine returned images that do not match the requests")
         except _AllCancelled:
             for job in batch:
-                self._finish(job, JobState.cancelled, Cancelled("the job was cancelled"))
+                if self._stopping:
+                    self._finish(job, JobState.failed, self._stopped_error())
+                else:
+                    self._finish(job, JobState.cancelled, Cancelled("the job was cancelled"))
             return
         except Exception as exc:  # a failed batch fails each of its jobs with the reason
             logger.exception("batch of %d failed", len(batch))

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1 * 2**20, ge=1024, le=256 * 2**20)
     """Largest request body accepted; beyond it: 413."""
 
+    shutdown_grace_s: float = Field(default=30.0, ge=0, le=3600)
+    """On SIGTERM: how long running work may go on before what is left fails with reason ``shutdown``."""
+
     state_dir: Path = Field(default_factory=lambda: Path.home() / ".sdxl-bento" / "state")
     """Folder of the task journal (survives restarts, unlike BentoML's task database)."""
 

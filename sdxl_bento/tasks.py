@@ -158,7 +158,7 @@ class TaskControl:
         if action == "get" and method == "GET" and self.registry.is_cancelled(task_id):
             response = _json_response(409, {"error": {"type": "cancelled", "message": f"task {task_id} was cancelled"}})
             return await response(scope, receive, send)
-        if record is not None and record.reason == "restart":
+        if record is not None and record.reason in ("restart", "shutdown"):
             return await self._lost(action, record, scope, receive, send)
         if action == "status" and method == "GET":
             return await self._rewrite(scope, receive, send, lambda body: self._on_status(task_id, body))
@@ -173,12 +173,13 @@ class TaskControl:
 
     async def _lost(self, action: str, record: TaskRecord, scope, receive, send) -> None:
         """A task the service was running when it stopped: BentoML has forgotten it, the journal has not."""
-        message = f"task {record.task_id} was lost when the service restarted before it finished; submit it again"
+        how = "restarted" if record.reason == "restart" else "shut down"
+        message = f"task {record.task_id} did not finish: the service {how} first; submit it again"
         if action == "status":
-            response = _json_response(200, {"task_id": record.task_id, "status": "failed", "reason": "restart",
+            response = _json_response(200, {"task_id": record.task_id, "status": "failed", "reason": record.reason,
                                              "message": message})
         else:
-            response = _json_response(410, {"error": {"type": "restart", "message": message}})
+            response = _json_response(410, {"error": {"type": record.reason, "message": message}})
         await response(scope, receive, send)
 
     async def _cancel(self, scope, receive, send, task_id: str) -> None:

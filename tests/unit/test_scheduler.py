@@ -6,7 +6,7 @@ import time
 import pytest
 
 from sdxl_bento.engine import BatchKey, Work
-from sdxl_bento.errors import Cancelled, DeadlineExceeded, GenerationFailed, Overloaded
+from sdxl_bento.errors import Cancelled, DeadlineExceeded, GenerationFailed, Overloaded, ShuttingDown
 from sdxl_bento.scheduler import JobState, Scheduler
 
 A = BatchKey(kind="txt2img", width=256, height=256, steps=4, guidance_scale=5.0, scheduler="euler")
@@ -169,12 +169,32 @@ def test_stop_fails_waiting_jobs_with_a_reason(make):
     engine.gate.set()
     s.stop()
     if waiting.state == JobState.failed:
-        with pytest.raises(GenerationFailed, match="shutdown"):
+        with pytest.raises(ShuttingDown, match="shutdown"):
             waiting.future.result(1)
     else:
         assert waiting.state == JobState.done
-    with pytest.raises(Overloaded):
+    with pytest.raises(ShuttingDown):
         s.submit([work("late")], timeout=10)
+
+
+def test_drain_closes_admission_lets_running_work_finish_then_fails_the_rest(make):
+    """Graceful shutdown: after close() nothing new is admitted, admitted work goes on; at the end of the
+    grace period stop(cancel_running=True) fails what is left with reason shutdown, at the next step."""
+    engine = FakeEngine(hold=True)
+    s = make(engine)
+    running = s.submit([work("running")], timeout=10)[0]
+    engine.started.wait(2)
+    queued = s.submit([work("queued", B)], timeout=10)[0]
+    s.close()
+    with pytest.raises(ShuttingDown) as info:
+        s.submit([work("new")], timeout=10)
+    assert info.value.status == 503 and info.value.headers()["Retry-After"] == "30"
+    s.stop(reason="shutdown", cancel_running=True)
+    engine.gate.set()
+    for job in (running, queued):
+        with pytest.raises(ShuttingDown) as info:
+            job.future.result(5)
+        assert info.value.details["reason"] == "shutdown" and job.state == JobState.failed
 
 
 class FakeClock:
