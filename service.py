@@ -27,6 +27,7 @@ from sdxl_bento.cache import make_cache
 from sdxl_bento.errors import Cancelled, InvalidRequest, ModelMissing, ServiceError, to_response
 from sdxl_bento.gateway import ActiveJobs, Gateway
 from sdxl_bento.generation import Generation, ModelInfo, RequestContext
+from sdxl_bento.gpu import NvmlSource, StaticSource, Throttle, ThrottleState
 from sdxl_bento.images import ImageStore
 from sdxl_bento.journal import TaskJournal
 from sdxl_bento.ratelimit import RateLimiter
@@ -34,7 +35,8 @@ from sdxl_bento.schemas import GenerateRequest, GenerateResponse, RefineRequest
 from sdxl_bento.settings import Settings
 from sdxl_bento.shutdown import Drain
 from sdxl_bento.tasks import TaskCancelled, TaskControl, TaskRegistry
-from sdxl_bento.telemetry import metrics
+from sdxl_bento.telemetry import metrics, start_gpu_telemetry
+from sdxl_bento.vram import SDXL_FP16, VramBudget
 
 logger = logging.getLogger("sdxl_bento.service")
 
@@ -131,9 +133,16 @@ class SDXL:
             logger.warning("%d task(s) were unfinished when the service last stopped: marked failed (restart)", lost)
         self.engine = Engine(base, refiner, device=settings.device)
         logger.info("warm-up took %.2f s", self.engine.warmup())
+        # After warm-up the free GPU memory is what batches may use; without CUDA there is no budget.
+        budget = VramBudget.measure(SDXL_FP16, headroom=settings.vram_headroom) if self.engine.device == "cuda" \
+            else None
+        self.throttle = Throttle(NvmlSource.open() or StaticSource([]), slow_above_c=settings.gpu_slow_above_c,
+                                 pause_above_c=settings.gpu_pause_above_c, resume_below_c=settings.gpu_resume_below_c)
+        start_gpu_telemetry(self.throttle)
         self.scheduler = Scheduler(self.engine, max_batch_requests=settings.concurrency,
                                    max_batch_images=settings.max_batch_images, max_jobs=settings.max_concurrency,
-                                   aging_per_minute=settings.aging_per_minute, observer=metrics())
+                                   aging_per_minute=settings.aging_per_minute, observer=metrics(),
+                                   throttle=self.throttle, budget=budget)
         self.scheduler.start()
         task_registry.scheduler = drain.scheduler = self.scheduler
         drain.install()
@@ -145,6 +154,10 @@ class SDXL:
             timeout=settings.timeout, cache=cache, cache_unseeded=settings.cache_unseeded,
             public_url=settings.public_url, metrics=metrics(),
         )
+
+    def __is_ready__(self) -> bool:
+        """``/readyz``: not while shutting down, nor while a hot GPU has paused admission."""
+        return not drain.draining and self.throttle.state != ThrottleState.paused
 
     @bentoml.on_shutdown
     def _stop(self) -> None:

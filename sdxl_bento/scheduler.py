@@ -18,6 +18,8 @@ from enum import Enum
 from typing import Any, Callable, Protocol
 
 from .engine import StepCallback, Work
+from .gpu import Throttle
+from .vram import VramBudget, run_with_oom_retry
 from .errors import Cancelled, DeadlineExceeded, GenerationFailed, Overloaded, ServiceError, ShuttingDown
 
 logger = logging.getLogger(__name__)
@@ -82,9 +84,14 @@ class Job:
 class Scheduler:
     def __init__(self, engine: EngineLike, *, max_batch_requests: int = 4, max_batch_images: int = 8,
                  max_jobs: int = 32, aging_per_minute: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic, observer: Observer | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, observer: Observer | None = None,
+                 throttle: Throttle | None = None, budget: VramBudget | None = None) -> None:
         self.engine = engine
         self.observer = observer
+        self.throttle = throttle
+        """Temperature guard: smaller batches when hot, no new batch when paused."""
+        self.budget = budget
+        """VRAM guard: a batch never holds more images than the measured budget fits."""
         self.aging_per_s = aging_per_minute / 60.0
         self.max_batch_requests = max_batch_requests
         self.max_batch_images = max_batch_images
@@ -214,13 +221,23 @@ class Scheduler:
                 "the request could not start before its deadline", reason="deadline", retry_after=self._retry_after()))
         if not self._queue:
             return []
+        max_requests = self.max_batch_requests
+        if self.throttle is not None:
+            max_requests = self.throttle.batch_limit(max_requests)
+            if max_requests == 0:  # paused: the GPU cools down; waiting work keeps its place
+                return []
         order = sorted(self._queue, key=self._order)
         head = order[0]
+        key = head.work.key
+        max_images = self.max_batch_images
+        if self.budget is not None:
+            uses_refiner = key.kind == "refine" or key.refine != "none"
+            max_images = min(max_images, max(1, self.budget.max_images(key.width, key.height, uses_refiner)))
         batch, images = [head], head.work.num_images
         for job in order[1:]:
-            if len(batch) >= self.max_batch_requests:
+            if len(batch) >= max_requests:
                 break
-            if job.work.key == head.work.key and images + job.work.num_images <= self.max_batch_images:
+            if job.work.key == key and images + job.work.num_images <= max_images:
                 batch.append(job)
                 images += job.work.num_images
         for job in batch:
@@ -236,11 +253,15 @@ class Scheduler:
                     self._cond.wait()
                 if self._stopping:
                     return
+                if self.throttle is not None:
+                    self.throttle.update()  # reads the GPU at most every few seconds
                 batch = self._next_batch()
-            if batch:
-                self._observe_queue()
-                self._run(batch)
-                self._observe_queue()
+                if not batch:
+                    self._cond.wait(0.5)  # throttled: look again shortly
+                    continue
+            self._observe_queue()
+            self._run(batch)
+            self._observe_queue()
 
     def _run(self, batch: list[Job]) -> None:
         started = time.perf_counter()
@@ -252,7 +273,9 @@ class Scheduler:
                 raise _AllCancelled()
 
         try:
-            results = self.engine.generate([job.work for job in batch], on_step=on_step)
+            # Out of GPU memory: free it and retry in halves; a request that alone does not fit fails with 503.
+            results = run_with_oom_retry(lambda works: self.engine.generate(works, on_step=on_step),
+                                         [job.work for job in batch], sizes=lambda work: work.num_images)
             if len(results) != len(batch) or any(len(r) != j.work.num_images for r, j in zip(results, batch)):
                 raise RuntimeError("the engine returned images that do not match the requests")
         except _AllCancelled:

@@ -64,6 +64,18 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(default=30.0, ge=0, le=3600)
     """On SIGTERM: how long running work may go on before what is left fails with reason ``shutdown``."""
 
+    gpu_slow_above_c: float = Field(default=83, ge=30, le=120)
+    """GPU temperature above which batches are halved."""
+
+    gpu_pause_above_c: float = Field(default=90, ge=30, le=120)
+    """GPU temperature above which no new batch starts (``/readyz`` answers 503 meanwhile)."""
+
+    gpu_resume_below_c: float = Field(default=78, ge=20, le=120)
+    """Full speed again only below this temperature (hysteresis)."""
+
+    vram_headroom: float = Field(default=0.9, gt=0, le=1)
+    """Share of the GPU memory free after warm-up that batches may use."""
+
     state_dir: Path = Field(default_factory=lambda: Path.home() / ".sdxl-bento" / "state")
     """Folder of the task journal (survives restarts, unlike BentoML's task database)."""
 

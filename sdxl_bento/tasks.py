@@ -96,6 +96,8 @@ class TaskRegistry:
         job = jobs[0]
         info: dict[str, Any] = {"state": job.state.value}
         scheduler = self.scheduler
+        if scheduler is not None and scheduler.throttle is not None:
+            info["gpu_throttle"] = scheduler.throttle.state.value
         if job.state == JobState.queued and scheduler is not None:
             info["queue_position"] = scheduler.position(job)
         if job.state in (JobState.queued, JobState.running):

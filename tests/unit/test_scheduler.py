@@ -6,7 +6,7 @@ import time
 import pytest
 
 from sdxl_bento.engine import BatchKey, Work
-from sdxl_bento.errors import Cancelled, DeadlineExceeded, GenerationFailed, Overloaded, ShuttingDown
+from sdxl_bento.errors import Cancelled, DeadlineExceeded, GenerationFailed, Overloaded, ServiceError, ShuttingDown
 from sdxl_bento.scheduler import JobState, Scheduler
 
 A = BatchKey(kind="txt2img", width=256, height=256, steps=4, guidance_scale=5.0, scheduler="euler")
@@ -237,3 +237,68 @@ def test_without_aging_priority_is_strict():
             started.append(s._next_batch()[0].work.prompt)
         s._running = []
     assert "free" not in started
+
+
+def hot(celsius):
+    from sdxl_bento.gpu import GpuReading
+
+    return [GpuReading(index=0, name="fake", temperature_c=celsius, utilization_pct=50, memory_used_bytes=0,
+                       memory_total_bytes=1, power_w=None, sm_clock_mhz=None, mem_clock_mhz=None)]
+
+
+def test_a_hot_gpu_gets_smaller_batches_then_a_pause_then_resumes(make):
+    from sdxl_bento.gpu import StaticSource, Throttle
+
+    source = StaticSource(hot(85))
+    engine = FakeEngine(hold=True)
+    s = make(engine, max_batch_requests=4, throttle=Throttle(source, interval_s=0))
+    s.submit([work("first")], timeout=30)
+    engine.started.wait(2)
+    jobs = s.submit([work(f"p{i}") for i in range(4)], timeout=30)
+    source.set(hot(95))  # paused: nothing new starts
+    engine.gate.set()
+    time.sleep(1.0)
+    assert engine.batches == [["first"]] and all(j.state == JobState.queued for j in jobs)
+    source.set(hot(80))  # cooler, but not below the resume threshold (78): slow, half-size batches
+    [j.future.result(10) for j in jobs]
+    assert engine.batches[1:] == [["p0", "p1"], ["p2", "p3"]]
+    source.set(hot(70))  # below resume: full batches again
+    more = s.submit([work(f"q{i}") for i in range(4)], timeout=30)
+    [j.future.result(10) for j in more]
+    assert engine.batches[-1] == ["q0", "q1", "q2", "q3"]
+
+
+def test_vram_budget_splits_batches():
+    from sdxl_bento.vram import MemoryModel, VramBudget
+
+    model = MemoryModel(bytes_per_pixel_image=1.0, fixed_bytes=0)
+    budget = VramBudget(256 * 256 * 3, model)  # three 256x256 images fit
+    engine = FakeEngine()
+    s = Scheduler(engine, max_batch_requests=8, max_batch_images=8, max_jobs=20, budget=budget)
+    jobs = s.submit([work(f"p{i}") for i in range(5)], timeout=30)
+    s.start()
+    try:
+        [j.future.result(5) for j in jobs]
+    finally:
+        s.stop()
+    assert [len(b) for b in engine.batches] == [3, 2]
+
+
+def test_out_of_memory_is_retried_in_halves_and_the_worker_survives(make):
+    import torch
+
+    class OomAbove1(FakeEngine):
+        def generate(self, works, on_step=None):
+            if sum(w.num_images for w in works) > 1:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return super().generate(works, on_step)
+
+    engine = OomAbove1()
+    s = make(engine)
+    jobs = s.submit([work(f"p{i}") for i in range(4)], timeout=30)
+    assert [j.future.result(5) for j in jobs] == [[f"p{i}#0"] for i in range(4)]
+    big = s.submit([work("big", n=2)], timeout=30)[0]
+    with pytest.raises(ServiceError) as info:
+        big.future.result(5)
+    assert info.value.status == 503 and info.value.type == "out_of_memory"
+    assert s.submit([work("after")], timeout=30)[0].future.result(5) == ["after#0"]
