@@ -57,7 +57,7 @@ journal = TaskJournal(settings.state_dir / "tasks.db")
 task_registry = TaskRegistry(journal)
 active_jobs = ActiveJobs()
 drain = Drain(settings.shutdown_grace_s)
-GENERATION_ROUTES = ("/txt2img", "/generate", "/generate_batch", "/refine", "/jobs/submit", "/jobs/retry")
+GENERATION_ROUTES = ("/txt2img", "/generate", "/generate_batch", "/refine", "/jobs", "/jobs/submit", "/jobs/retry")
 
 
 async def _get_image(request: Request) -> Response:

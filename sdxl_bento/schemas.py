@@ -84,8 +84,8 @@ class GenerateRequest(_Request):
     height: Annotated[int, Field(ge=256, le=2048, multiple_of=8, description="Image height in pixels.")] = 1024
     num_images: Annotated[int, Field(ge=1, le=8, description="Images for this prompt.")] = 1
     refine: RefineMode = RefineMode.none
-    high_noise_frac: Annotated[float, Field(gt=0, lt=1, description="Ensemble: where the refiner takes over.")] = 0.8
-    refiner_strength: Annotated[float, Field(gt=0, le=1, description="img2img refine: how much is redone.")] = 0.3
+    high_noise_frac: Annotated[float, Field(ge=0.01, le=0.99, description="Ensemble: where the refiner takes over.")] = 0.8
+    refiner_strength: Annotated[float, Field(ge=0.01, le=1, description="img2img refine: how much is redone.")] = 0.3
 
     @model_validator(mode="after")
     def _check_pixels(self) -> "GenerateRequest":
@@ -102,7 +102,7 @@ class RefineRequest(_Request):
     """Refine a stored image (by id) with the refiner and a new prompt."""
 
     image_id: Annotated[uuid.UUID, Field(description="Id of an image in the image store.")]
-    strength: Annotated[float, Field(gt=0, le=1, description="How much of the image is redone.")] = 0.3
+    strength: Annotated[float, Field(ge=0.01, le=1, description="How much of the image is redone.")] = 0.3
 
 
 def configure(limits: Limits) -> None:

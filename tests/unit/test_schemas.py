@@ -36,7 +36,7 @@ def test_defaults_and_seed_is_always_chosen():
     ({"prompt": "x", "seed": 2**32}, "less than or equal to 4294967295"),
     ({"prompt": "x", "scheduler": "plms"}, "euler"),
     ({"prompt": "x", "refine": "both"}, "ensemble"),
-    ({"prompt": "x", "high_noise_frac": 1.0}, "less than 1"),
+    ({"prompt": "x", "high_noise_frac": 1.0}, "less than or equal to 0.99"),
     ({"prompt": "x", "output_format": "gif"}, "png"),
     ({"prompt": "x", "quality": 0}, "greater than or equal to 1"),
     ({"prompt": "x", "colour": "red"}, "Extra inputs are not permitted"),
