@@ -31,6 +31,7 @@ from sdxl_bento.gpu import NvmlSource, StaticSource, Throttle, ThrottleState
 from sdxl_bento.images import ImageStore
 from sdxl_bento.journal import TaskJournal
 from sdxl_bento.ratelimit import RateLimiter
+from sdxl_bento.safety import ContentFiltered, ImageGuard, PromptPolicy, Watermarker, load_checker
 from sdxl_bento.schemas import GenerateRequest, GenerateResponse, RefineRequest
 from sdxl_bento.settings import Settings
 from sdxl_bento.shutdown import Drain
@@ -47,6 +48,7 @@ if store.find(settings.base_model) is None:
     raise ModelMissing(f"cannot start: SDXL base model {settings.base_model!r} is not in the Bento model store. "
                        f"Put it there with:\n  {store.fix_command('base', settings.base_model)}")
 _with_refiner = settings.refiner == "on" or (settings.refiner == "auto" and store.find(settings.refiner_model))
+_with_checker = settings.safety == "on" or (settings.safety == "auto" and store.find(settings.safety_model))
 if settings.keys_file is None and settings.auth == "required":
     raise SystemExit("cannot start: SDXL_BENTO_AUTH=required but no SDXL_BENTO_KEYS_FILE is set "
                      "(create one with: sdxl-bento keys add NAME --tier standard --file keys.yaml)")
@@ -114,6 +116,8 @@ class SDXL:
     base_model = bentoml.models.BentoModel(settings.base_model)
     if _with_refiner:
         refiner_model = bentoml.models.BentoModel(settings.refiner_model)
+    if _with_checker:
+        safety_model = bentoml.models.BentoModel(settings.safety_model)
 
     def __init__(self) -> None:
         from sdxl_bento.engine import Engine
@@ -148,11 +152,22 @@ class SDXL:
         drain.install()
         cache = make_cache(settings.redis(), image_store, ttl_s=settings.cache_ttl_s,
                            max_bytes=settings.cache_max_bytes) if settings.cache else None
+        guard = None
+        if _with_checker:
+            checker = store.from_model(self.safety_model)
+            guard = ImageGuard(load_checker(checker.metadata["kind"], checker.path, device=self.engine.device),
+                               threshold=settings.safety_threshold, action=settings.safety_action)
+            logger.info("NSFW check of every image with %s (%s, %s)", checker.tag, checker.metadata["kind"],
+                        settings.safety_action)
+        else:
+            logger.warning("no NSFW checker (%s not in the store): images are not checked", settings.safety_model)
+        watermark = settings.watermark == "on" or (settings.watermark == "auto" and not self.engine.models.synthetic)
         self.generation = Generation(
             self.scheduler, image_store,
             ModelInfo(base.tag, refiner.tag if refiner else None, self.engine.models.synthetic),
             timeout=settings.timeout, cache=cache, cache_unseeded=settings.cache_unseeded,
-            public_url=settings.public_url, metrics=metrics(),
+            public_url=settings.public_url, metrics=metrics(), guard=guard, watermarker=Watermarker(watermark),
+            policy=PromptPolicy.load(settings.policy_file) if settings.policy_file else None,
         )
 
     def __is_ready__(self) -> bool:
@@ -172,8 +187,11 @@ class SDXL:
             raise InvalidRequest("/txt2img returns one image; use /generate for several", field="num_images")
         outcome = await self.generation.run(req, request_context(ctx))
         (image,) = outcome.images
+        if not image.data:
+            raise ContentFiltered("the generated image was withheld by the safety check",
+                                  finish_reason="content_filtered", seed=image.seed)
         return Response(content=image.data, media_type=image.media_type, headers={
-            "Seed": str(image.seed), "Finish-Reason": "success", "X-Image-Id": image.id,
+            "Seed": str(image.seed), "Finish-Reason": image.finish_reason, "X-Image-Id": image.id,
             "X-Image-Url": self.generation.url(image.id), "X-Model": self.generation.models.base_tag,
             "X-Parameters": image.parameters.encode("unicode_escape").decode("ascii"),
             "X-Queue-Seconds": f"{outcome.queue_s:.4f}", "X-Generate-Seconds": f"{outcome.gpu_s:.4f}",

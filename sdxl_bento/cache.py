@@ -50,6 +50,7 @@ class CachedImage:
     height: int
     parameters: str  # the infotext embedded in the file
     data: bytes  # the encoded image
+    finish_reason: str = "success"  # "content_filtered": withheld (no id, no data) or blurred by the safety check
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ class RedisCache:
                 return None  # expired or evicted blob: regenerate rather than answer part of a result
             out.append(CachedImage(id=meta["id"], seed=meta["seed"], media_type=meta["media_type"],
                                    width=meta["width"], height=meta["height"], parameters=meta["parameters"],
-                                   data=blob))
+                                   data=blob, finish_reason=meta.get("finish_reason", "success")))
         return out
 
     def put(self, key: str, images: list[CachedImage]) -> None:

@@ -13,7 +13,10 @@ from . import store
 
 def _import(args: argparse.Namespace) -> int:
     source = args.source or store.DEFAULT_SOURCES[args.role]
-    tag = store.import_pipeline(source, args.role, tag=args.tag, dtype=args.dtype, config=args.config)
+    if args.role == "safety":
+        tag = store.import_checker(source, args.kind, tag=args.tag, synthetic=args.synthetic)
+    else:
+        tag = store.import_pipeline(source, args.role, tag=args.tag, dtype=args.dtype, config=args.config)
     print(f"imported {source} as {tag} ({args.role})")
     return 0
 
@@ -64,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
     imp.add_argument("--dtype", choices=store.DTYPES, default="float16", help="dtype to store the weights in")
     imp.add_argument("--config", help="for a single file offline: a local diffusers folder with the matching "
                                       "configs and tokenizers")
+    imp.add_argument("--kind", choices=store.CHECKER_KINDS, default="sd-safety-checker",
+                     help="for --role safety: how the checker is loaded")
+    imp.add_argument("--synthetic", action="store_true", help=argparse.SUPPRESS)
     imp.set_defaults(run=_import)
 
     syn = cmds.add_parser("synth", help="save SDXL-architecture pipelines with random weights (no download)")

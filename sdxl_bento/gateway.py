@@ -267,6 +267,7 @@ class Gateway:
             "model": audit.get("model"), "outcome": outcome, "reason": audit.get("reason"),
             "status": audit.get("status", status), "cache": audit.get("cache"), "queue_s": audit.get("queue_s"),
             "gpu_s": audit.get("gpu_s"), "image_ids": audit.get("image_ids", []), "seeds": audit.get("seeds"),
+            "finish_reasons": audit.get("finish_reasons"),
             "task_id": audit.get("task_id"), "request_id": headers.get("x-request-id"),
             "duration_s": round(time.monotonic() - started, 4),
         }

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .auth import OPEN_PRINCIPAL, Principal
+from .auth import OPEN_PRINCIPAL, Forbidden, Principal
 from .cache import CachedImage, Coalescer, ResultCache, cache_key
 from .engine import BatchKey, Work
 from .errors import Cancelled, DeadlineExceeded, NotFound, ServiceError, Unavailable
 from .images import MEDIA_TYPES, SAMPLER_LABELS, ImageStore, encode, infotext
+from .safety import ImageGuard, PromptPolicy, Watermarker
 from .scheduler import Job, Scheduler
 from .schemas import (
     BatchItem,
@@ -64,7 +66,8 @@ class Outcome:
 class Generation:
     def __init__(self, scheduler: Scheduler, images: ImageStore, models: ModelInfo, *, timeout: float,
                  cache: ResultCache | None = None, cache_unseeded: bool = False, public_url: str = "",
-                 metrics: Any = None) -> None:
+                 metrics: Any = None, policy: PromptPolicy | None = None, guard: ImageGuard | None = None,
+                 watermarker: Watermarker | None = None) -> None:
         self.scheduler = scheduler
         self.images = images
         self.models = models
@@ -75,6 +78,10 @@ class Generation:
         self.public_url = public_url.rstrip("/")
         self.metrics = metrics
         self._stats_at = 0.0
+        self.policy = policy
+        self.guard = guard
+        self.watermarker = watermarker
+        self._guard_lock = threading.Lock()
 
     # -- requests to works -------------------------------------------------------------------
     def work(self, req: Request) -> Work:
@@ -97,6 +104,14 @@ class Generation:
                        has_negative=bool(req.negative_prompt))
         return Work(key=key, prompt=req.prompt, negative_prompt=req.negative_prompt, seeds=req.seeds(req.num_images))
 
+    def check(self, req: Request, ctx: RequestContext) -> None:
+        """Before any GPU work: the operator's prompt policy, and who may turn the image check off."""
+        if self.policy is not None:
+            self.policy.enforce(req.prompt, req.negative_prompt)
+        if not req.safety_check and not ctx.principal.tier.safety_optional:
+            raise Forbidden(f"the {ctx.principal.tier.name} tier may not turn off the safety check",
+                            limit="safety_optional")
+
     def _cache_key(self, req: Request, work: Work) -> str | None:
         if self.cache is None or (req.seed is None and not self.cache_unseeded):
             return None
@@ -111,6 +126,7 @@ class Generation:
         """One request: from the cache, joined to an identical one in flight, or generated."""
         ctx.audit["parameters"] = req.model_dump(mode="json", exclude={"prompt", "negative_prompt", "return_base64"})
         try:
+            self.check(req, ctx)
             work = self.work(req)
             key = self._cache_key(req, work)
             if key is None:
@@ -122,8 +138,9 @@ class Generation:
                              status=exc.status, message=exc.message)
             raise
         ctx.audit.update(outcome="ok", model=self.models.base_tag, cache=outcome.cache,
+                         finish_reasons=[i.finish_reason for i in outcome.images],
                          queue_s=round(outcome.queue_s, 4), gpu_s=round(outcome.gpu_s, 4),
-                         image_ids=[i.id for i in outcome.images], seeds=[i.seed for i in outcome.images])
+                         image_ids=[i.id for i in outcome.images if i.id], seeds=[i.seed for i in outcome.images])
         return outcome
 
     async def _cached(self, req: Request, work: Work, key: str, ctx: RequestContext) -> Outcome:
@@ -136,7 +153,8 @@ class Generation:
 
         async def produce() -> Outcome:
             outcome = await self._generate(req, work, ctx)
-            await asyncio.to_thread(self._put, key, outcome.images)
+            if all(image.finish_reason == "success" for image in outcome.images):
+                await asyncio.to_thread(self._put, key, outcome.images)
             return outcome
 
         outcome, shared = await self.coalescer.run(key, produce)
@@ -187,14 +205,31 @@ class Generation:
             raise
 
     def store(self, work: Work, images: list[Any], req: Request) -> list[CachedImage]:
-        """Encode each image with its own parameters and save it."""
+        """Check each image (before it is stored, cached or returned), watermark it, encode it with its own
+        parameters and save it. A withheld image keeps its place, with no id and no data."""
         key, fmt = work.key, req.output_format.value
+        flagged = [False] * len(images)
+        if self.guard is not None and req.safety_check:
+            with self._guard_lock:  # one checker model, one caller at a time
+                images, verdicts = self.guard.review(images)
+            flagged = [v.flagged for v in verdicts]
+        if self.watermarker is not None:
+            kept = self.watermarker.apply([i for i in images if i is not None])
+            images = [kept.pop(0) if i is not None else None for i in images]
         out = []
-        for seed, image in zip(work.seeds, images):
+        for seed, image, was_flagged in zip(work.seeds, images, flagged):
             text = infotext(req.prompt, req.negative_prompt, self.parameters(req, key, seed))
+            reason = "content_filtered" if was_flagged else "success"
+            if image is None:
+                out.append(CachedImage(id="", seed=seed, media_type=MEDIA_TYPES[fmt], width=key.width,
+                                       height=key.height, parameters=text, data=b"", finish_reason=reason))
+                continue
             data = encode(image, fmt, req.quality, text)
             out.append(CachedImage(id=self.images.save(data, fmt), seed=seed, media_type=MEDIA_TYPES[fmt],
-                                   width=image.width, height=image.height, parameters=text, data=data))
+                                   width=image.width, height=image.height, parameters=text, data=data,
+                                   finish_reason=reason))
+        if self.metrics is not None and any(flagged):
+            self.metrics.content_filtered.inc(sum(flagged))
         return out
 
     def parameters(self, req: Request, key: BatchKey, seed: int) -> dict[str, Any]:
@@ -252,9 +287,9 @@ class Generation:
 
     def response(self, req: Request, outcome: Outcome, ctx: RequestContext) -> GenerateResponse:
         results = [
-            ImageResult(id=i.id, url=self.url(i.id), seed=i.seed, width=i.width, height=i.height,
-                        format=req.output_format,
-                        base64=base64.b64encode(i.data).decode() if req.return_base64 else None)
+            ImageResult(id=i.id or None, url=self.url(i.id) if i.id else None, seed=i.seed, width=i.width,
+                        height=i.height, format=req.output_format, finish_reason=i.finish_reason,
+                        base64=base64.b64encode(i.data).decode() if req.return_base64 and i.data else None)
             for i in outcome.images
         ]
         uses_refiner = isinstance(req, RefineRequest) or req.refine != RefineMode.none

@@ -60,6 +60,8 @@ class _Request(BaseModel):
     output_format: OutputFormat = OutputFormat.png
     quality: Annotated[int, Field(ge=1, le=100, description="JPEG/WebP quality.")] = 90
     return_base64: Annotated[bool, Field(description="Also return each image as base64 in JSON answers.")] = False
+    safety_check: Annotated[bool, Field(description="Check each image for NSFW content (turning it off needs a "
+                                                    "tier that allows it).")] = True
 
     @model_validator(mode="after")
     def _check_prompts(self) -> "_Request":
@@ -117,8 +119,9 @@ class Timings(BaseModel):
 
 
 class ImageResult(BaseModel):
-    id: str
-    url: str
+    id: Optional[str]
+    """None when the safety check withheld the image (``finish_reason: content_filtered``)."""
+    url: Optional[str]
     seed: int
     width: int
     height: int

@@ -76,6 +76,24 @@ class Settings(BaseSettings):
     vram_headroom: float = Field(default=0.9, gt=0, le=1)
     """Share of the GPU memory free after warm-up that batches may use."""
 
+    policy_file: Optional[Path] = None
+    """Prompt policy (YAML words and patterns), checked before any GPU work; none: no policy."""
+
+    safety: Literal["auto", "on", "off"] = "auto"
+    """NSFW check of every image: ``auto`` when a checker is in the store, ``on`` requires one."""
+
+    safety_model: str = "sdxl-safety:latest"
+    """Model store tag of the NSFW checker (``sdxl-bento models import ... --role safety``)."""
+
+    safety_threshold: float = Field(default=0.5, ge=0, le=1)
+    """Score at or above which an image is flagged."""
+
+    safety_action: Literal["block", "blur"] = "block"
+    """A flagged image is withheld (``block``) or returned blurred (``blur``); either way marked content_filtered."""
+
+    watermark: Literal["auto", "on", "off"] = "auto"
+    """Invisible watermark on every image; ``auto``: on for real weights, off for synthetic ones."""
+
     state_dir: Path = Field(default_factory=lambda: Path.home() / ".sdxl-bento" / "state")
     """Folder of the task journal (survives restarts, unlike BentoML's task database)."""
 

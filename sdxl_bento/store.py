@@ -18,13 +18,15 @@ from .errors import ModelMissing
 
 logger = logging.getLogger(__name__)
 
-Role = Literal["base", "refiner"]
-ROLES: tuple[Role, ...] = ("base", "refiner")
-DEFAULT_TAGS: dict[Role, str] = {"base": "sdxl-base", "refiner": "sdxl-refiner"}
+Role = Literal["base", "refiner", "safety"]
+ROLES: tuple[Role, ...] = ("base", "refiner", "safety")
+DEFAULT_TAGS: dict[Role, str] = {"base": "sdxl-base", "refiner": "sdxl-refiner", "safety": "sdxl-safety"}
 DEFAULT_SOURCES: dict[Role, str] = {
     "base": "stabilityai/stable-diffusion-xl-base-1.0",
     "refiner": "stabilityai/stable-diffusion-xl-refiner-1.0",
+    "safety": "CompVis/stable-diffusion-safety-checker",
 }
+CHECKER_KINDS = ("sd-safety-checker", "classifier")
 DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -163,3 +165,29 @@ def list_models() -> list[StoredPipeline]:
         if metadata.get("role") in ROLES:
             rows.append(StoredPipeline(str(model.tag), Path(model.path), metadata))
     return rows
+
+
+def import_checker(source: str, kind: str, tag: str | None = None, synthetic: bool = False) -> str:
+    """Save an NSFW checker (a folder, or a hub id) into the store; ``kind`` says how to load it."""
+    import shutil
+
+    if kind not in CHECKER_KINDS:
+        raise ValueError(f"checker kind must be one of {', '.join(CHECKER_KINDS)}, not {kind!r}")
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        if source.startswith((".", "/", "~")) or source.count("/") != 1:
+            raise ValueError(f"{source}: no such folder, and not a Hugging Face repo id (owner/name)")
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+        except OSError as exc:
+            raise ConnectionError(f"could not fetch {source} from the Hugging Face Hub ({exc}); import a local "
+                                  "folder instead") from exc
+    if not (path / "config.json").is_file() and not (path / "safety_checker" / "config.json").is_file():
+        raise ValueError(f"{source}: no config.json: not a transformers/diffusers checker folder")
+    metadata = {"role": "safety", "kind": kind, "source": source, "synthetic": synthetic, "dtype": "float32"}
+    labels = {"project": "sdxl-bento", "role": "safety", "synthetic": str(synthetic).lower()}
+    with bentoml.models.create(tag or DEFAULT_TAGS["safety"], labels=labels, metadata=metadata) as model:
+        shutil.copytree(path, model.path, dirs_exist_ok=True)
+    return str(model.tag)

@@ -38,6 +38,7 @@ class Metrics:
                                         multiprocess_mode="max")
         self.ratelimit_redis_failures = Counter("sdxl_ratelimit_redis_failures", "Rate-limit calls Redis failed.")
         self.rejected = Counter("sdxl_rejected", "Requests refused by the gateway, by reason.", ["reason"])
+        self.content_filtered = Counter("sdxl_images_content_filtered", "Images withheld or blurred by the NSFW check.")
 
     def observe_batch(self, images: int, steps: int, seconds: float) -> None:
         self.batch_size.observe(images)
