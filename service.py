@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,11 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 from starlette.staticfiles import StaticFiles
 
-from sdxl_bento import schemas, store
+from sdxl_bento import a1111, openai_compat, schemas, store
 from sdxl_bento.audit import AuditLog
 from sdxl_bento.auth import KeyStore
 from sdxl_bento.cache import make_cache
+from sdxl_bento.compat import check_tier, given
 from sdxl_bento.errors import Cancelled, InvalidRequest, ModelMissing, ServiceError, to_response
 from sdxl_bento.gateway import ActiveJobs, Gateway
 from sdxl_bento.generation import Generation, ModelInfo, RequestContext
@@ -59,7 +61,8 @@ journal = TaskJournal(settings.state_dir / "tasks.db")
 task_registry = TaskRegistry(journal)
 active_jobs = ActiveJobs()
 drain = Drain(settings.shutdown_grace_s)
-GENERATION_ROUTES = ("/txt2img", "/generate", "/generate_batch", "/refine", "/jobs", "/jobs/submit", "/jobs/retry")
+GENERATION_ROUTES = ("/txt2img", "/generate", "/generate_batch", "/refine", "/jobs", "/jobs/submit", "/jobs/retry",
+                     "/v1/images/generations", "/sdapi/v1/txt2img")
 
 
 async def _get_image(request: Request) -> Response:
@@ -70,6 +73,9 @@ async def _get_image(request: Request) -> Response:
     return FileResponse(path, media_type=media_type, headers={"Cache-Control": "public, max-age=31536000, immutable"})
 
 
+a1111_owners = a1111.JobOwners()
+a1111_api = a1111.a1111_app(lambda: task_registry.scheduler, store.list_models, owners=a1111_owners,
+                            keys_in_use=keys is not None)
 images_app = Starlette(routes=[Route("/{image_id}", _get_image, methods=["GET"])])
 ui_app = StaticFiles(directory=str(Path(__file__).parent / "sdxl_bento" / "ui"), html=True)
 
@@ -105,6 +111,7 @@ def request_context(ctx: bentoml.Context) -> RequestContext:
 
 @bentoml.asgi_app(images_app, path="/images")
 @bentoml.asgi_app(ui_app, path="/ui")
+@bentoml.asgi_app(a1111_api, path="/sdapi/v1")
 @bentoml.service(
     name="sdxl",
     description="Stable Diffusion XL 1.0 text-to-image, with refiner, batching and async tasks.",
@@ -219,6 +226,33 @@ class SDXL:
         """Adaptive batching: BentoML merges concurrent calls; compatible items run as one pipeline call."""
         return await self.generation.run_batch(requests, RequestContext())
 
+    @bentoml.api(input_spec=openai_compat.OpenAIImageWire, route="/v1/images/generations")
+    @openai_compat.answers_openai_errors
+    async def openai_images(self, ctx: bentoml.Context, **fields: Any) -> dict[str, Any]:
+        """OpenAI Images API (any OpenAI client with ``base_url=<server>/v1``); errors in OpenAI's shape."""
+        oreq = openai_compat.OpenAIImageRequest.model_validate(given(fields))
+        req, rctx = openai_compat.to_generate_request(oreq), request_context(ctx)
+        check_tier(rctx, req)
+        try:
+            outcome = await self.generation.run(req, rctx)
+        finally:
+            openai_compat.record(rctx.audit, oreq)
+        base = str(ctx.request.base_url)
+        return openai_compat.to_openai_response(
+            outcome.images, oreq.prompt, int(time.time()), oreq.response_format,
+            url_for=lambda image_id: openai_compat.absolute_url(base, self.generation.url(image_id)))
+
+    @bentoml.api(input_spec=a1111.A1111Wire, route="/sdapi/v1/txt2img")
+    @a1111.answers_a1111_errors
+    async def sdapi_txt2img(self, ctx: bentoml.Context, **fields: Any) -> dict[str, Any]:
+        """AUTOMATIC1111 ``/sdapi/v1/txt2img``: its fields and defaults, its answer; errors in its shape."""
+        areq = a1111.A1111Txt2ImgRequest.model_validate(given(fields))
+        req, rctx = a1111.to_generate_request(areq), request_context(ctx)
+        check_tier(rctx, req)
+        rctx.on_submit = a1111_owners.recorder(rctx.principal.name)
+        outcome = await self.generation.run(req, rctx)
+        return a1111.to_a1111_response(areq, req, outcome.images, self.generation.models.base_tag)
+
     @bentoml.task(input_spec=GenerateRequest, route="/jobs")
     @answers_errors
     async def jobs(self, ctx: bentoml.Context, **fields: Any) -> GenerateResponse:
@@ -247,6 +281,6 @@ SDXL.add_asgi_middleware(Gateway, keys=keys, limiter=RateLimiter(settings.redis(
                          audit=AuditLog(settings.audit_path(), max_bytes=settings.audit_max_bytes,
                                         stdout=settings.audit_stdout, prompts=settings.audit_prompts),
                          generation_routes=GENERATION_ROUTES,
-                         protected_routes=(*GENERATION_ROUTES, "/jobs"),
+                         protected_routes=(*GENERATION_ROUTES, "/jobs", "/sdapi/v1"),
                          max_body_bytes=settings.max_body_bytes, active=active_jobs, drain=drain)
 SDXL.add_asgi_middleware(TaskControl, registry=task_registry, journal=journal, task_routes=("/jobs",))

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import store
+from . import cli_generate, store
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -92,6 +92,7 @@ def parser() -> argparse.ArgumentParser:
     add.add_argument("--file", type=Path, default=Path(os.environ.get("SDXL_BENTO_KEYS_FILE", "keys.yaml")),
                      help="keys file, YAML or TOML (default: $SDXL_BENTO_KEYS_FILE or ./keys.yaml)")
     add.set_defaults(run=_keys_add)
+    cli_generate.register(groups)
     return top
 
 

@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from . import a1111, openai_compat
 from .audit import AuditLog
 from .auth import OPEN_PRINCIPAL, KeyStore, Principal, Unauthorized, check_request, extract_key
 from .errors import InvalidRequest, ServiceError, ShuttingDown
@@ -60,7 +61,15 @@ class Demand:
     refine: bool = False
 
 
+FOREIGN_BODIES = {"/v1/images/generations": openai_compat.demand_fields, "/sdapi/v1/txt2img": a1111.demand_fields}
+"""Routes of other APIs: their bodies are read as our fields, so limits count their real images and steps."""
+FOREIGN_ERRORS = {"/v1/images/generations": openai_compat.from_service_error, "/sdapi/v1/": a1111.from_error}
+"""The gateway's own refusals on those routes come in that API's error shape."""
+
+
 def demand(route: str, body: Any) -> Demand:
+    if route in FOREIGN_BODIES and isinstance(body, dict):
+        body = FOREIGN_BODIES[route](body)
     items = body.get("requests") if route == "/generate_batch" and isinstance(body, dict) else [body]
     items = [i for i in (items if isinstance(items, list) else []) if isinstance(i, dict)]
     if not items:
@@ -285,4 +294,6 @@ def _json_or_none(body: bytes) -> Any:
 async def _answer(exc: ServiceError, scope: Any, receive: Any, send: Any) -> None:
     from .errors import to_response
 
-    await to_response(exc)(scope, receive, send)
+    path = scope.get("path", "")
+    shape = next((f for prefix, f in FOREIGN_ERRORS.items() if path.startswith(prefix)), to_response)
+    await shape(exc)(scope, receive, send)
