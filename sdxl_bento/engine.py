@@ -2,7 +2,9 @@
 
 Only the scheduler calls it, from one thread: diffusers pipelines are not thread-safe. Several
 requests with the same batch key run as one pipeline call, with one generator per image, so an
-image depends only on its own prompt, seed and parameters, never on its batch mates.
+image depends only on its own prompt, seed and parameters, never on its batch mates. The batch
+key names the checkpoint and the LoRA set, so a batch runs on one pipeline in one adapter state
+(``models.ModelManager`` loads checkpoints and LoRAs on demand).
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional
 
 import torch
+from PIL import Image
 
+from .errors import InvalidRequest
+from .models import LoadedPipeline, ModelManager
 from .store import StoredPipeline
 
 logger = logging.getLogger(__name__)
@@ -33,11 +38,15 @@ _SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 SCHEDULER_NAMES = tuple(_SCHEDULERS)
 
 
+Kind = Literal["txt2img", "refine", "img2img", "inpaint"]
+KINDS: tuple[str, ...] = ("txt2img", "refine", "img2img", "inpaint")
+
+
 @dataclass(frozen=True)
 class BatchKey:
     """What must be equal for works to share one pipeline call."""
 
-    kind: Literal["txt2img", "refine"]
+    kind: Kind
     width: int
     height: int
     steps: int
@@ -46,11 +55,17 @@ class BatchKey:
     refine: str = "none"
     high_noise_frac: float = 0.8
     strength: float = 0.3
+    """``refine`` and ``img2img``/``inpaint``: how much of the input is re-noised; refine mode ``img2img``:
+    the refiner's strength."""
     has_negative: bool = False
     """An empty negative prompt uses zero embeddings, a non-empty one is encoded: not mixable."""
+    model: str = ""
+    """The base checkpoint's model store tag (``name`` or ``name:version``); empty: the default base."""
+    loras: tuple[tuple[str, float], ...] = ()
+    """(LoRA name in the model store, weight) pairs, active for the whole batch; empty: none."""
 
     def total_steps(self) -> int:
-        if self.kind == "refine":
+        if self.kind in ("refine", "img2img", "inpaint"):
             return max(1, int(self.steps * self.strength))
         if self.refine == "img2img":
             return self.steps + max(1, int(self.steps * self.strength))
@@ -66,7 +81,9 @@ class Work:
     negative_prompt: str
     seeds: list[int]
     init_images: Optional[list[Any]] = None
-    """For ``refine``: one PIL image per seed."""
+    """For ``refine``, ``img2img`` and ``inpaint``: one PIL image per seed."""
+    mask_images: Optional[list[Any]] = None
+    """For ``inpaint``: one PIL mask per seed; white is repainted, black kept."""
 
     @property
     def num_images(self) -> int:
@@ -75,6 +92,8 @@ class Work:
 
 @dataclass
 class LoadedModels:
+    """The default checkpoint and the refiner (``base`` is None while the default is unloaded)."""
+
     base: Any
     refiner: Any | None
     base_tag: str
@@ -92,13 +111,53 @@ def pick_device(setting: str) -> tuple[str, torch.dtype]:
     return "cpu", torch.float32
 
 
+def _flatten_alpha(image: Image.Image) -> Image.Image:
+    """Transparent pixels become white (dropping alpha would show whatever colour they happen to hold)."""
+    rgba = image.convert("RGBA")
+    background = Image.new("RGB", rgba.size, (255, 255, 255))
+    background.paste(rgba, mask=rgba.getchannel("A"))
+    return background
+
+
+def prepare_image(image: Image.Image, width: int, height: int) -> Image.Image:
+    """An input image as the pipelines take it: RGB (transparency on white), exactly ``width`` x ``height``
+    (stretched; callers that care about the aspect ratio crop first)."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"width and height must be positive, not {width}x{height}")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = _flatten_alpha(image)
+    elif image.mode != "RGB":
+        image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    return image
+
+
+def prepare_mask(mask: Image.Image, width: int, height: int) -> Image.Image:
+    """An inpainting mask as the pipeline takes it: grayscale ("L"), ``width`` x ``height``; white is repainted."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"width and height must be positive, not {width}x{height}")
+    if mask.mode != "L":
+        mask = mask.convert("L")
+    if mask.size != (width, height):
+        mask = mask.resize((width, height), Image.Resampling.BILINEAR)
+    return mask
+
+
 class Engine:
-    def __init__(self, base: StoredPipeline, refiner: StoredPipeline | None = None, device: str = "auto") -> None:
-        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    def __init__(self, base: StoredPipeline, refiner: StoredPipeline | None = None, device: str = "auto", *,
+                 budget_bytes: int | None = None, pin_default: bool = True,
+                 manager: ModelManager | None = None) -> None:
+        """Load ``base`` (the default checkpoint, pinned unless ``pin_default`` is False) and the refiner, which
+        serves every checkpoint. ``budget_bytes`` bounds the memory of loaded checkpoints (None: unbounded)."""
+        from diffusers import StableDiffusionXLImg2ImgPipeline
 
         self.device, self.dtype = pick_device(device)
         started = time.perf_counter()
-        base_pipe = StableDiffusionXLPipeline.from_pretrained(str(base.path), dtype=self.dtype)
+        self.manager = manager or ModelManager(self.device, self.dtype, budget_bytes=budget_bytes)
+        self.manager.register(base, pinned=pin_default, default=True)
+        default = self.manager.ensure(base.tag)
+        base_pipe = default.pipe
         refiner_pipe = None
         if refiner is not None:
             # Shared components are passed in, so they are neither loaded nor held twice.
@@ -106,33 +165,59 @@ class Engine:
                 str(refiner.path), text_encoder_2=base_pipe.text_encoder_2, vae=base_pipe.vae,
                 dtype=self.dtype,
             )
-        for pipe in filter(None, (base_pipe, refiner_pipe)):
-            pipe.to(self.device)
-            pipe.set_progress_bar_config(disable=True)
+            refiner_pipe.to(self.device)
+            refiner_pipe.set_progress_bar_config(disable=True)
             if self.dtype == torch.float16:
-                # SDXL's VAE overflows in fp16 (black/NaN images): decode in float32.
-                pipe.vae.register_to_config(force_upcast=True)
-        self.models = LoadedModels(
-            base=base_pipe, refiner=refiner_pipe, base_tag=base.tag,
-            refiner_tag=refiner.tag if refiner else None,
-            synthetic=base.synthetic or bool(refiner and refiner.synthetic),
-            device=self.device, dtype=self.dtype,
-            scheduler_configs={"base": base_pipe.scheduler.config,
-                               "refiner": refiner_pipe.scheduler.config if refiner_pipe else None},
-        )
+                refiner_pipe.vae.register_to_config(force_upcast=True)
+            self.manager.add_shared("refiner", refiner_pipe)
+        self._refiner = refiner_pipe
+        self._base_tag = base.tag
+        self._refiner_tag = refiner.tag if refiner else None
+        self._synthetic = base.synthetic or bool(refiner and refiner.synthetic)
+        self._scheduler_configs = {"base": base_pipe.scheduler.config,
+                                   "refiner": refiner_pipe.scheduler.config if refiner_pipe else None}
         self.load_seconds = time.perf_counter() - started
         logger.info("loaded %s%s on %s (%s) in %.1f s", base.tag, f" + {refiner.tag}" if refiner else "",
                     self.device, str(self.dtype).removeprefix("torch."), self.load_seconds)
 
     @property
-    def has_refiner(self) -> bool:
-        return self.models.refiner is not None
+    def models(self) -> LoadedModels:
+        default = self.manager.get(self._base_tag)
+        return LoadedModels(
+            base=default.pipe if default else None, refiner=self._refiner, base_tag=self._base_tag,
+            refiner_tag=self._refiner_tag, synthetic=self._synthetic, device=self.device, dtype=self.dtype,
+            scheduler_configs=self._scheduler_configs,
+        )
 
-    def _scheduler(self, role: str, name: str):
+    @property
+    def has_refiner(self) -> bool:
+        return self._refiner is not None
+
+    def add_checkpoint(self, stored: StoredPipeline, pinned: bool = False) -> str:
+        """Make another base checkpoint available to ``BatchKey.model`` (loaded on first use)."""
+        return self.manager.register(stored, pinned=pinned)
+
+    def _scheduler(self, config: Any, name: str):
         import diffusers
 
+        if name not in _SCHEDULERS:
+            raise InvalidRequest(f"scheduler: unknown scheduler {name!r}; valid: {', '.join(SCHEDULER_NAMES)}",
+                                 field="scheduler")
         cls_name, overrides = _SCHEDULERS[name]
-        return getattr(diffusers, cls_name).from_config(self.models.scheduler_configs[role], **overrides)
+        return getattr(diffusers, cls_name).from_config(config, **overrides)
+
+    def _check(self, key: BatchKey) -> None:
+        if key.kind not in KINDS:
+            raise ValueError(f"unknown batch kind {key.kind!r}")
+        if (key.refine != "none" or key.kind == "refine") and self._refiner is None:
+            raise RuntimeError("the refiner is not loaded")
+        if key.kind in ("img2img", "inpaint") and key.refine != "none":
+            raise InvalidRequest(f"refine: {key.kind} takes no refiner pass (refine must be none)", field="refine")
+        if key.kind == "refine" and key.loras:
+            raise InvalidRequest("loras: LoRAs apply to the base checkpoint; the refiner takes none", field="loras")
+        if (key.kind != "txt2img" or key.refine == "img2img") and int(key.steps * key.strength) < 1:
+            raise InvalidRequest(f"strength: {key.strength} x {key.steps} steps leaves no denoising step; "
+                                 "raise strength or steps", field="strength")
 
     def generate(self, works: list[Work], on_step: StepCallback | None = None) -> list[list[Any]]:
         """Run works sharing one batch key as one pipeline call; returns PIL images per work."""
@@ -141,11 +226,26 @@ class Engine:
         key = works[0].key
         if any(w.key != key for w in works):
             raise ValueError("works in one batch must share a batch key")
-        if key.refine != "none" or key.kind == "refine":
-            if self.models.refiner is None:
-                raise RuntimeError("the refiner is not loaded")
+        self._check(key)
         prompts = [w.prompt for w in works for _ in w.seeds]
         negatives = [w.negative_prompt for w in works for _ in w.seeds] if key.has_negative else None
+        init = masks = None
+        if key.kind in ("refine", "img2img", "inpaint"):
+            init = [img for w in works for img in (w.init_images or [])]
+            if len(init) != len(prompts):
+                raise ValueError(f"{key.kind} works need one init image per seed")
+            if key.kind != "refine":
+                init = [prepare_image(img, key.width, key.height) for img in init]
+        if key.kind == "inpaint":
+            masks = [m for w in works for m in (w.mask_images or [])]
+            if len(masks) != len(prompts):
+                raise ValueError("inpaint works need one mask image per seed")
+            masks = [prepare_mask(m, key.width, key.height) for m in masks]
+        # The checkpoint and its adapter state, before any generator is made (loading may take a while).
+        loaded: LoadedPipeline | None = None
+        if key.kind != "refine":
+            loaded = self.manager.ensure(key.model)
+            self.manager.activate_loras(loaded, key.loras)
         # Generators live on the CPU: the same seed gives the same noise on any device.
         generators = [torch.Generator("cpu").manual_seed(s) for w in works for s in w.seeds]
         total = key.total_steps()
@@ -160,27 +260,38 @@ class Engine:
 
         common = dict(prompt=prompts, negative_prompt=negatives, guidance_scale=key.guidance_scale,
                       num_inference_steps=key.steps, generator=generators, callback_on_step_end=callback)
-        base, refiner = self.models.base, self.models.refiner
+        refiner = self._refiner
+
+        def run_refiner(**kwargs: Any) -> list[Any]:
+            # LoRAs are for the base pass; the refiner's text encoder may be the base's, so they are turned off.
+            self.manager.quiet_loras(refiner)
+            refiner.scheduler = self._scheduler(self._scheduler_configs["refiner"], key.scheduler)
+            return refiner(**kwargs, **common).images
+
         with torch.inference_mode():
             if key.kind == "refine":
-                init = [img for w in works for img in (w.init_images or [])]
-                if len(init) != len(prompts):
-                    raise ValueError("refine works need one init image per seed")
-                refiner.scheduler = self._scheduler("refiner", key.scheduler)
-                images = refiner(image=init, strength=key.strength, **common).images
+                images = run_refiner(image=init, strength=key.strength)
+            elif key.kind == "img2img":
+                pipe = loaded.img2img()
+                pipe.scheduler = self._scheduler(loaded.scheduler_config, key.scheduler)
+                images = pipe(image=init, strength=key.strength, **common).images
+            elif key.kind == "inpaint":
+                pipe = loaded.inpaint()
+                pipe.scheduler = self._scheduler(loaded.scheduler_config, key.scheduler)
+                images = pipe(image=init, mask_image=masks, width=key.width, height=key.height,
+                              strength=key.strength, **common).images
             else:
-                base.scheduler = self._scheduler("base", key.scheduler)
+                base = loaded.pipe
+                base.scheduler = self._scheduler(loaded.scheduler_config, key.scheduler)
                 size = dict(width=key.width, height=key.height)
                 if key.refine == "none":
                     images = base(**size, **common).images
                 elif key.refine == "ensemble":
                     latents = base(**size, denoising_end=key.high_noise_frac, output_type="latent", **common).images
-                    refiner.scheduler = self._scheduler("refiner", key.scheduler)
-                    images = refiner(image=latents, denoising_start=key.high_noise_frac, **common).images
+                    images = run_refiner(image=latents, denoising_start=key.high_noise_frac)
                 else:  # img2img: the refiner passes over the finished latents
                     latents = base(**size, output_type="latent", **common).images
-                    refiner.scheduler = self._scheduler("refiner", key.scheduler)
-                    images = refiner(image=latents, strength=key.strength, **common).images
+                    images = run_refiner(image=latents, strength=key.strength)
         if len(images) != len(prompts):
             raise RuntimeError(f"pipeline returned {len(images)} images for {len(prompts)} prompts")
         if on_step is not None:

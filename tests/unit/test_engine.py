@@ -77,3 +77,22 @@ def test_refiner_is_shared_not_copied(engine):
     assert models.refiner.text_encoder_2 is models.base.text_encoder_2
     assert models.refiner.vae is models.base.vae
     assert models.synthetic and models.device == "cpu"
+
+
+def test_checkpoint_and_lora_set_are_part_of_the_batch_key():
+    """Works for another checkpoint or another LoRA set never share a batch (the scheduler batches equal keys)."""
+    assert KEY.model == "" and KEY.loras == ()
+    assert BatchKey(**{**KEY.__dict__, "model": "photo"}) != KEY
+    with_lora = BatchKey(**{**KEY.__dict__, "loras": (("style", 0.8),)})
+    assert with_lora != KEY and with_lora != BatchKey(**{**KEY.__dict__, "loras": (("style", 0.5),)})
+    assert with_lora == BatchKey(**{**KEY.__dict__, "loras": (("style", 0.8),)}) and hash(with_lora)
+    for kind in ("img2img", "inpaint"):
+        assert BatchKey(**{**KEY.__dict__, "kind": kind, "steps": 30, "strength": 0.5}).total_steps() == 15
+
+
+def test_unknown_scheduler_is_a_clear_error(engine):
+    from sdxl_bento.errors import InvalidRequest
+
+    key = BatchKey(**{**KEY.__dict__, "scheduler": "lms", "width": 64, "height": 64})
+    with pytest.raises(InvalidRequest, match="unknown scheduler 'lms'"):
+        engine.generate([Work(key, "a cat", "", [1])])
