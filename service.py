@@ -12,12 +12,13 @@ import functools
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import bentoml
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import FileResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.staticfiles import StaticFiles
 
@@ -34,8 +35,9 @@ from sdxl_bento.images import ImageStore
 from sdxl_bento.journal import TaskJournal
 from sdxl_bento.ratelimit import RateLimiter
 from sdxl_bento.safety import ContentFiltered, ImageGuard, PromptPolicy, Watermarker, load_checker
-from sdxl_bento.schemas import GenerateRequest, GenerateResponse, RefineRequest
-from sdxl_bento.settings import Settings
+from sdxl_bento.models import find_lora, list_loras
+from sdxl_bento.schemas import GenerateRequest, GenerateResponse, Img2ImgRequest, InpaintRequest, RefineRequest
+from sdxl_bento.settings import Settings, tags
 from sdxl_bento.shutdown import Drain
 from sdxl_bento.tasks import TaskCancelled, TaskControl, TaskRegistry
 from sdxl_bento.telemetry import metrics, start_gpu_telemetry
@@ -44,7 +46,8 @@ from sdxl_bento.vram import SDXL_FP16, VramBudget
 logger = logging.getLogger("sdxl_bento.service")
 
 settings = Settings()
-schemas.configure(schemas.Limits(max_prompt_chars=settings.max_prompt_chars, max_pixels=settings.max_pixels))
+schemas.configure(schemas.Limits(max_prompt_chars=settings.max_prompt_chars, max_pixels=settings.max_pixels,
+                                 max_loras=settings.max_loras))
 
 if store.find(settings.base_model) is None:
     raise ModelMissing(f"cannot start: SDXL base model {settings.base_model!r} is not in the Bento model store. "
@@ -61,8 +64,12 @@ journal = TaskJournal(settings.state_dir / "tasks.db")
 task_registry = TaskRegistry(journal)
 active_jobs = ActiveJobs()
 drain = Drain(settings.shutdown_grace_s)
-GENERATION_ROUTES = ("/txt2img", "/generate", "/generate_batch", "/refine", "/jobs", "/jobs/submit", "/jobs/retry",
+TASK_ROUTES = ("/jobs", "/img2img_jobs", "/inpaint_jobs")
+GENERATION_ROUTES = ("/txt2img", "/generate", "/generate_batch", "/refine", "/img2img", "/inpaint",
+                     *(f"{route}{action}" for route in TASK_ROUTES for action in ("", "/submit", "/retry")),
                      "/v1/images/generations", "/sdapi/v1/txt2img")
+live = SimpleNamespace(engine=None)
+"""What the mounted ASGI apps need from the service instance, once it exists."""
 
 
 async def _get_image(request: Request) -> Response:
@@ -77,6 +84,16 @@ a1111_owners = a1111.JobOwners()
 a1111_api = a1111.a1111_app(lambda: task_registry.scheduler, store.list_models, owners=a1111_owners,
                             keys_in_use=keys is not None)
 images_app = Starlette(routes=[Route("/{image_id}", _get_image, methods=["GET"])])
+
+
+async def _list_models(request: Request) -> Response:
+    """Checkpoints (which are loaded, pinned, synthetic) and LoRA adapters."""
+    checkpoints = live.engine.manager.available() if live.engine is not None else []
+    return JSONResponse({"checkpoints": checkpoints, "loras": list_loras(), "refiner": settings.refiner_model
+                         if _with_refiner else None})
+
+
+models_app = Starlette(routes=[Route("/", _list_models, methods=["GET"])])
 ui_app = StaticFiles(directory=str(Path(__file__).parent / "sdxl_bento" / "ui"), html=True)
 
 
@@ -112,6 +129,7 @@ def request_context(ctx: bentoml.Context) -> RequestContext:
 @bentoml.asgi_app(images_app, path="/images")
 @bentoml.asgi_app(ui_app, path="/ui")
 @bentoml.asgi_app(a1111_api, path="/sdapi/v1")
+@bentoml.asgi_app(models_app, path="/models")
 @bentoml.service(
     name="sdxl",
     description="Stable Diffusion XL 1.0 text-to-image, with refiner, batching and async tasks.",
@@ -142,7 +160,12 @@ class SDXL:
         lost = journal.recover()
         if lost:
             logger.warning("%d task(s) were unfinished when the service last stopped: marked failed (restart)", lost)
-        self.engine = Engine(base, refiner, device=settings.device)
+        self.engine = Engine(base, refiner, device=settings.device, budget_bytes=settings.model_budget_bytes)
+        pinned = set(tags(settings.pinned_checkpoints))
+        for tag in tags(settings.checkpoints):
+            self.engine.add_checkpoint(store.resolve(tag, "base"), pinned=tag in pinned)
+        self.engine.manager.on_swap = lambda tag, seconds: metrics().model_swap_seconds.observe(seconds)
+        live.engine = self.engine
         logger.info("warm-up took %.2f s", self.engine.warmup())
         # After warm-up the free GPU memory is what batches may use; without CUDA there is no budget.
         budget = VramBudget.measure(SDXL_FP16, headroom=settings.vram_headroom) if self.engine.device == "cuda" \
@@ -153,7 +176,7 @@ class SDXL:
         self.scheduler = Scheduler(self.engine, max_batch_requests=settings.concurrency,
                                    max_batch_images=settings.max_batch_images, max_jobs=settings.max_concurrency,
                                    aging_per_minute=settings.aging_per_minute, observer=metrics(),
-                                   throttle=self.throttle, budget=budget)
+                                   throttle=self.throttle, budget=budget, is_loaded=self.engine.manager.is_loaded)
         self.scheduler.start()
         task_registry.scheduler = drain.scheduler = self.scheduler
         drain.install()
@@ -175,6 +198,8 @@ class SDXL:
             timeout=settings.timeout, cache=cache, cache_unseeded=settings.cache_unseeded,
             public_url=settings.public_url, metrics=metrics(), guard=guard, watermarker=Watermarker(watermark),
             policy=PromptPolicy.load(settings.policy_file) if settings.policy_file else None,
+            resolve_model=self.engine.manager.resolve, has_lora=lambda name: find_lora(name) is not None,
+            max_upload_bytes=settings.max_upload_bytes,
         )
 
     def __is_ready__(self) -> bool:
@@ -218,6 +243,20 @@ class SDXL:
         req, rctx = RefineRequest.model_validate(fields), request_context(ctx)
         return self.generation.response(req, await self.generation.run(req, rctx), rctx)
 
+    @bentoml.api(input_spec=Img2ImgRequest, route="/img2img")
+    @answers_errors
+    async def img2img(self, ctx: bentoml.Context, **fields: Any) -> GenerateResponse:
+        """Image to image: a base64 image or a stored image's id, redone by ``strength``."""
+        req, rctx = Img2ImgRequest.model_validate(fields), request_context(ctx)
+        return self.generation.response(req, await self.generation.run(req, rctx), rctx)
+
+    @bentoml.api(input_spec=InpaintRequest, route="/inpaint")
+    @answers_errors
+    async def inpaint(self, ctx: bentoml.Context, **fields: Any) -> GenerateResponse:
+        """Inpainting: the image's white-masked area is repainted."""
+        req, rctx = InpaintRequest.model_validate(fields), request_context(ctx)
+        return self.generation.response(req, await self.generation.run(req, rctx), rctx)
+
     # BentoML's batcher refuses (503) work it expects to exceed max_latency_ms, counting generation time;
     # our scheduler enforces the deadline, so the batcher gets the whole timeout.
     @bentoml.api(batchable=True, max_batch_size=settings.concurrency * 2,
@@ -257,11 +296,26 @@ class SDXL:
     @answers_errors
     async def jobs(self, ctx: bentoml.Context, **fields: Any) -> GenerateResponse:
         """Task style: ``/jobs/submit`` answers at once with a task id; poll ``/jobs/status``, fetch ``/jobs/get``."""
+        return await self._task(ctx, GenerateRequest.model_validate(fields))
+
+    @bentoml.task(input_spec=Img2ImgRequest, route="/img2img_jobs")
+    @answers_errors
+    async def img2img_jobs(self, ctx: bentoml.Context, **fields: Any) -> GenerateResponse:
+        """``/img2img`` as a task: ``/img2img_jobs/submit``, ``/status``, ``/get``, ``/cancel``."""
+        return await self._task(ctx, Img2ImgRequest.model_validate(fields))
+
+    @bentoml.task(input_spec=InpaintRequest, route="/inpaint_jobs")
+    @answers_errors
+    async def inpaint_jobs(self, ctx: bentoml.Context, **fields: Any) -> GenerateResponse:
+        """``/inpaint`` as a task: ``/inpaint_jobs/submit``, ``/status``, ``/get``, ``/cancel``."""
+        return await self._task(ctx, InpaintRequest.model_validate(fields))
+
+    async def _task(self, ctx: bentoml.Context, req: Any) -> GenerateResponse:
+        """Run a task's request; its end (completed, failed with a reason, cancelled) goes to the journal."""
         task_id = getattr(ctx.request.state, "task_id", None)
         rctx = request_context(ctx)
         rctx.on_submit = lambda jobs: task_registry.attach(task_id, jobs) if task_id else None
         try:
-            req = GenerateRequest.model_validate(fields)
             outcome = await self.generation.run(req, rctx)
         except Cancelled:
             task_registry.ended(task_id, "canceled", "cancelled")
@@ -281,6 +335,6 @@ SDXL.add_asgi_middleware(Gateway, keys=keys, limiter=RateLimiter(settings.redis(
                          audit=AuditLog(settings.audit_path(), max_bytes=settings.audit_max_bytes,
                                         stdout=settings.audit_stdout, prompts=settings.audit_prompts),
                          generation_routes=GENERATION_ROUTES,
-                         protected_routes=(*GENERATION_ROUTES, "/jobs", "/sdapi/v1"),
+                         protected_routes=(*GENERATION_ROUTES, *TASK_ROUTES, "/sdapi/v1", "/models"),
                          max_body_bytes=settings.max_body_bytes, active=active_jobs, drain=drain)
-SDXL.add_asgi_middleware(TaskControl, registry=task_registry, journal=journal, task_routes=("/jobs",))
+SDXL.add_asgi_middleware(TaskControl, registry=task_registry, journal=journal, task_routes=TASK_ROUTES)

@@ -28,6 +28,13 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_lora(args: argparse.Namespace) -> int:
+    from .models import import_lora
+
+    print(f"imported LoRA {args.source} as {import_lora(args.source, args.tag)}")
+    return 0
+
+
 def _list(args: argparse.Namespace) -> int:
     rows = store.list_models()
     if args.json:
@@ -79,6 +86,11 @@ def parser() -> argparse.ArgumentParser:
     syn.add_argument("--refiner-tag", help="refiner model name (default: sdxl-refiner)")
     syn.add_argument("--seed", type=int, default=0)
     syn.set_defaults(run=_synth)
+
+    lora = cmds.add_parser("import-lora", help="import a LoRA (.safetensors file or folder) into the store")
+    lora.add_argument("source")
+    lora.add_argument("--tag", required=True, help="the name requests use in loras: [{name, weight}]")
+    lora.set_defaults(run=_import_lora)
 
     lst = cmds.add_parser("list", help="list the SDXL pipelines in the store")
     lst.add_argument("--json", action="store_true")

@@ -18,9 +18,10 @@ from typing import Any, Callable
 from .auth import OPEN_PRINCIPAL, Forbidden, Principal
 from .cache import CachedImage, Coalescer, ResultCache, cache_key
 from .engine import BatchKey, Work
-from .errors import Cancelled, DeadlineExceeded, NotFound, ServiceError, Unavailable
+from .errors import Cancelled, DeadlineExceeded, InvalidRequest, NotFound, ServiceError, Unavailable
 from .images import MEDIA_TYPES, SAMPLER_LABELS, ImageStore, encode, infotext
 from .safety import ImageGuard, PromptPolicy, Watermarker
+from .uploads import decode_base64_image
 from .scheduler import Job, Scheduler
 from .schemas import (
     BatchItem,
@@ -28,12 +29,16 @@ from .schemas import (
     GenerateRequest,
     GenerateResponse,
     ImageResult,
+    Img2ImgRequest,
+    InpaintRequest,
     RefineMode,
     RefineRequest,
     Timings,
 )
 
-Request = GenerateRequest | RefineRequest
+Request = GenerateRequest | RefineRequest | Img2ImgRequest | InpaintRequest
+UPLOAD_MAX_PIXELS = 4096 * 4096
+"""Largest uploaded image decoded (before it is resized to the request's size)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,8 @@ class RequestContext:
 @dataclass
 class Outcome:
     images: list[CachedImage]
+    model: str = ""
+    """The checkpoint that made the images."""
     queue_s: float = 0.0
     gpu_s: float = 0.0
     cache: str | None = None
@@ -67,7 +74,8 @@ class Generation:
     def __init__(self, scheduler: Scheduler, images: ImageStore, models: ModelInfo, *, timeout: float,
                  cache: ResultCache | None = None, cache_unseeded: bool = False, public_url: str = "",
                  metrics: Any = None, policy: PromptPolicy | None = None, guard: ImageGuard | None = None,
-                 watermarker: Watermarker | None = None) -> None:
+                 watermarker: Watermarker | None = None, resolve_model: Callable[[str], str] | None = None,
+                 has_lora: Callable[[str], bool] | None = None, max_upload_bytes: int = 12 * 2**20) -> None:
         self.scheduler = scheduler
         self.images = images
         self.models = models
@@ -82,9 +90,52 @@ class Generation:
         self.guard = guard
         self.watermarker = watermarker
         self._guard_lock = threading.Lock()
+        self.resolve_model = resolve_model or (lambda tag: tag or models.base_tag)
+        self.has_lora = has_lora or (lambda name: False)
+        self.max_upload_bytes = max_upload_bytes
 
     # -- requests to works -------------------------------------------------------------------
+    def _style(self, req: GenerateRequest | Img2ImgRequest) -> dict[str, Any]:
+        """The checkpoint (resolved now: an unknown one is a 400 before any queueing) and the LoRA set."""
+        for name, _ in req.lora_key():
+            if not self.has_lora(name):
+                raise InvalidRequest(f"loras: no LoRA named {name!r} in the model store "
+                                     f"(sdxl-bento models import-lora SOURCE --tag {name})", field="loras")
+        return {"model": self.resolve_model(req.model or ""), "loras": req.lora_key()}
+
+    def _source_image(self, req: Img2ImgRequest) -> Any:
+        if req.image is not None:
+            return decode_base64_image(req.image, max_pixels=UPLOAD_MAX_PIXELS, max_bytes=self.max_upload_bytes)
+        return self.images.load(str(req.image_id))
+
+    def _size(self, req: Img2ImgRequest, image: Any) -> tuple[int, int]:
+        """The asked size, or the image's: scaled into the pixel limit, multiples of 8."""
+        if req.width and req.height:
+            return req.width, req.height
+        width, height = req.width or image.width, req.height or image.height
+        scale = min(1.0, (req.limits.max_pixels / (width * height)) ** 0.5, 2048 / max(width, height))
+        width, height = int(width * scale) // 8 * 8, int(height * scale) // 8 * 8
+        if min(width, height) < 256:
+            raise InvalidRequest(f"the image is {image.width}x{image.height}; give width and height of at least "
+                                 "256 (the image is resized to them)", field="image")
+        return width, height
+
     def work(self, req: Request) -> Work:
+        if isinstance(req, Img2ImgRequest):
+            image = self._source_image(req)
+            width, height = self._size(req, image)
+            kind = "inpaint" if isinstance(req, InpaintRequest) else "img2img"
+            key = BatchKey(kind=kind, width=width, height=height, steps=req.steps, guidance_scale=req.guidance_scale,
+                           scheduler=req.scheduler.value, strength=req.strength,
+                           has_negative=bool(req.negative_prompt), **self._style(req))
+            seeds = req.seeds(req.num_images)
+            masks = None
+            if isinstance(req, InpaintRequest):
+                mask = decode_base64_image(req.mask, max_pixels=UPLOAD_MAX_PIXELS, max_bytes=self.max_upload_bytes,
+                                           field="mask")
+                masks = [mask] * len(seeds)
+            return Work(key=key, prompt=req.prompt, negative_prompt=req.negative_prompt, seeds=seeds,
+                        init_images=[image] * len(seeds), mask_images=masks)
         if isinstance(req, RefineRequest):
             if self.models.refiner_tag is None:
                 raise Unavailable("refining needs the refiner, which this server has not loaded")
@@ -101,7 +152,7 @@ class Generation:
                        guidance_scale=req.guidance_scale, scheduler=req.scheduler.value, refine=req.refine.value,
                        high_noise_frac=req.high_noise_frac if req.refine == RefineMode.ensemble else 0.8,
                        strength=req.refiner_strength if req.refine == RefineMode.img2img else 0.3,
-                       has_negative=bool(req.negative_prompt))
+                       has_negative=bool(req.negative_prompt), **self._style(req))
         return Work(key=key, prompt=req.prompt, negative_prompt=req.negative_prompt, seeds=req.seeds(req.num_images))
 
     def check(self, req: Request, ctx: RequestContext) -> None:
@@ -118,13 +169,14 @@ class Generation:
         params = req.model_dump(mode="json", exclude={"return_base64"})
         params["seeds"] = work.seeds
         uses_refiner = work.key.kind == "refine" or work.key.refine != "none"
-        model = self.models.base_tag + (f"+{self.models.refiner_tag}" if uses_refiner else "")
+        model = (work.key.model or self.models.base_tag) + (f"+{self.models.refiner_tag}" if uses_refiner else "")
         return cache_key(params, model, req.output_format.value)
 
     # -- running -----------------------------------------------------------------------------
     async def run(self, req: Request, ctx: RequestContext) -> Outcome:
         """One request: from the cache, joined to an identical one in flight, or generated."""
-        ctx.audit["parameters"] = req.model_dump(mode="json", exclude={"prompt", "negative_prompt", "return_base64"})
+        ctx.audit["parameters"] = req.model_dump(mode="json", exclude={"prompt", "negative_prompt", "return_base64",
+                                                                       "image", "mask"})
         try:
             self.check(req, ctx)
             work = self.work(req)
@@ -137,7 +189,7 @@ class Generation:
             ctx.audit.update(outcome="cancelled" if isinstance(exc, Cancelled) else "error", reason=exc.type,
                              status=exc.status, message=exc.message)
             raise
-        ctx.audit.update(outcome="ok", model=self.models.base_tag, cache=outcome.cache,
+        ctx.audit.update(outcome="ok", model=outcome.model or self.models.base_tag, cache=outcome.cache,
                          finish_reasons=[i.finish_reason for i in outcome.images],
                          queue_s=round(outcome.queue_s, 4), gpu_s=round(outcome.gpu_s, 4),
                          image_ids=[i.id for i in outcome.images if i.id], seeds=[i.seed for i in outcome.images])
@@ -149,7 +201,7 @@ class Generation:
         hit = await asyncio.to_thread(cache.get, key)
         if hit is not None:
             self._count("cache_hits")
-            return Outcome(images=[self._local(image) for image in hit], cache="hit")
+            return Outcome(images=[self._local(image) for image in hit], cache="hit", model=work.key.model)
 
         async def produce() -> Outcome:
             outcome = await self._generate(req, work, ctx)
@@ -160,7 +212,7 @@ class Generation:
         outcome, shared = await self.coalescer.run(key, produce)
         self._count("coalesced" if shared else "cache_misses")
         return Outcome(images=outcome.images, queue_s=outcome.queue_s, gpu_s=0.0 if shared else outcome.gpu_s,
-                       cache="hit" if shared else "miss")
+                       cache="hit" if shared else "miss", model=outcome.model)
 
     def _count(self, counter: str) -> None:
         if self.metrics is not None:
@@ -190,7 +242,7 @@ class Generation:
             ctx.on_submit([job])
         images = await self.wait(job, timeout)
         stored = await asyncio.to_thread(self.store, job.work, images, req)
-        return Outcome(images=stored, queue_s=job.queue_seconds, gpu_s=job.run_seconds)
+        return Outcome(images=stored, queue_s=job.queue_seconds, gpu_s=job.run_seconds, model=work.key.model)
 
     async def wait(self, job: Job, timeout: float) -> list[Any]:
         """The job's images; on a timeout or when the waiter goes away, the job is cancelled."""
@@ -235,9 +287,15 @@ class Generation:
     def parameters(self, req: Request, key: BatchKey, seed: int) -> dict[str, Any]:
         params: dict[str, Any] = {
             "Steps": key.steps, "Sampler": SAMPLER_LABELS[key.scheduler], "CFG scale": key.guidance_scale,
-            "Seed": seed, "Size": f"{key.width}x{key.height}", "Model": self.models.base_tag,
+            "Seed": seed, "Size": f"{key.width}x{key.height}", "Model": key.model or self.models.base_tag,
         }
-        if isinstance(req, RefineRequest):
+        if key.loras:
+            params["Lora"] = " ".join(f"{name}:{weight:g}" for name, weight in key.loras)
+        if key.kind in ("img2img", "inpaint"):
+            params.update({"Mode": key.kind, "Denoising strength": key.strength})
+            if getattr(req, "image_id", None):
+                params["Source image"] = str(req.image_id)  # type: ignore[union-attr]
+        elif isinstance(req, RefineRequest):
             params.update({"Refiner": self.models.refiner_tag, "Denoising strength": key.strength,
                            "Source image": str(req.image_id)})
         elif key.refine != "none":
@@ -270,7 +328,7 @@ class Generation:
                 stored = await asyncio.to_thread(self.store, job.work, images, req)
             except ServiceError as exc:
                 return _failure(exc)
-            outcome = Outcome(images=stored, queue_s=job.queue_seconds, gpu_s=job.run_seconds)
+            outcome = Outcome(images=stored, queue_s=job.queue_seconds, gpu_s=job.run_seconds, model=job.work.key.model)
             return BatchItem(ok=True, result=self.response(req, outcome, ctx))
 
         done = await asyncio.gather(*(finish(requests[i], job) for i, job in zip(index, jobs)))
@@ -292,14 +350,14 @@ class Generation:
                         base64=base64.b64encode(i.data).decode() if req.return_base64 and i.data else None)
             for i in outcome.images
         ]
-        uses_refiner = isinstance(req, RefineRequest) or req.refine != RefineMode.none
+        uses_refiner = isinstance(req, RefineRequest) or getattr(req, "refine", RefineMode.none) != RefineMode.none
         return GenerateResponse(
-            images=results, model=self.models.base_tag,
+            images=results, model=outcome.model or self.models.base_tag,
             refiner=self.models.refiner_tag if uses_refiner else None, synthetic=self.models.synthetic,
             cache=outcome.cache,
             timings=Timings(queue_s=round(outcome.queue_s, 4), generate_s=round(outcome.gpu_s, 4),
                             total_s=round(time.monotonic() - ctx.received, 4)),
-            parameters={**req.model_dump(mode="json", exclude={"return_base64"}),
+            parameters={**req.model_dump(mode="json", exclude={"return_base64", "image", "mask"}),
                         "seeds": [i.seed for i in outcome.images]},
         )
 

@@ -85,12 +85,15 @@ class Scheduler:
     def __init__(self, engine: EngineLike, *, max_batch_requests: int = 4, max_batch_images: int = 8,
                  max_jobs: int = 32, aging_per_minute: float = 10.0,
                  clock: Callable[[], float] = time.monotonic, observer: Observer | None = None,
-                 throttle: Throttle | None = None, budget: VramBudget | None = None) -> None:
+                 throttle: Throttle | None = None, budget: VramBudget | None = None,
+                 is_loaded: Callable[[str], bool] | None = None) -> None:
         self.engine = engine
         self.observer = observer
         self.throttle = throttle
         """Temperature guard: smaller batches when hot, no new batch when paused."""
         self.budget = budget
+        self.is_loaded = is_loaded
+        """Which checkpoint is in memory: among equals, its work goes first, so swaps stay rare."""
         """VRAM guard: a batch never holds more images than the measured budget fits."""
         self.aging_per_s = aging_per_minute / 60.0
         self.max_batch_requests = max_batch_requests
@@ -228,13 +231,20 @@ class Scheduler:
                 return []
         order = sorted(self._queue, key=self._order)
         head = order[0]
+        if self.is_loaded is not None and not self.is_loaded(head.work.key.model):
+            # Prefer work for a loaded checkpoint of the same (aged) priority over a swap; aging still
+            # lifts waiting work for another checkpoint above it in time, so nothing starves.
+            band = self._order(head)[0]
+            head = next((j for j in order if self._order(j)[0] == band and self.is_loaded(j.work.key.model)), head)
         key = head.work.key
         max_images = self.max_batch_images
         if self.budget is not None:
             uses_refiner = key.kind == "refine" or key.refine != "none"
             max_images = min(max_images, max(1, self.budget.max_images(key.width, key.height, uses_refiner)))
         batch, images = [head], head.work.num_images
-        for job in order[1:]:
+        for job in order:
+            if job is head:
+                continue
             if len(batch) >= max_requests:
                 break
             if job.work.key == key and images + job.work.num_images <= max_images:

@@ -44,6 +44,14 @@ class OutputFormat(str, Enum):
 class Limits:
     max_prompt_chars: int = 500
     max_pixels: int = 1536 * 1536
+    max_loras: int = 4
+
+
+class LoraSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(min_length=1, max_length=200, description="LoRA name in the model store.")]
+    weight: Annotated[float, Field(ge=-2, le=2, description="Adapter weight; 0 is the same as leaving it out.")] = 1.0
 
 
 class _Request(BaseModel):
@@ -79,7 +87,29 @@ class _Request(BaseModel):
         return [(start + i) % (MAX_SEED + 1) for i in range(count)]
 
 
-class GenerateRequest(_Request):
+class _Styled(_Request):
+    """Which checkpoint and which LoRA adapters a request uses."""
+
+    model: Annotated[Optional[str], Field(max_length=200, description="Checkpoint tag (GET /models); "
+                                                                       "default: the service's base.")] = None
+    loras: Annotated[list[LoraSpec], Field(description="LoRA adapters and their weights.")] = []
+
+    @model_validator(mode="after")
+    def _check_loras(self) -> "_Styled":
+        limit = self.limits.max_loras
+        if len(self.loras) > limit:
+            raise ValueError(f"loras names {len(self.loras)} adapters; the limit is {limit}")
+        names = [lora.name for lora in self.loras]
+        if len(set(names)) != len(names):
+            raise ValueError("loras names the same adapter twice")
+        return self
+
+    def lora_key(self) -> tuple[tuple[str, float], ...]:
+        """The adapter set, sorted so that equal sets share batches; weight-0 adapters change nothing."""
+        return tuple(sorted((lora.name, lora.weight) for lora in self.loras if lora.weight != 0))
+
+
+class GenerateRequest(_Styled):
     """Text to image."""
 
     width: Annotated[int, Field(ge=256, le=2048, multiple_of=8, description="Image width in pixels.")] = 1024
@@ -105,6 +135,39 @@ class RefineRequest(_Request):
 
     image_id: Annotated[uuid.UUID, Field(description="Id of an image in the image store.")]
     strength: Annotated[float, Field(ge=0.01, le=1, description="How much of the image is redone.")] = 0.3
+
+
+class Img2ImgRequest(_Styled):
+    """Image to image: a starting image (base64, or a stored image's id) redone by ``strength``."""
+
+    image: Annotated[Optional[str], Field(description="The starting image, base64 (PNG, JPEG or WebP; a data: URL "
+                                                      "is fine).")] = None
+    image_id: Annotated[Optional[uuid.UUID], Field(description="Or the id of a stored image.")] = None
+    strength: Annotated[float, Field(ge=0.01, le=1, description="How much of the image is redone.")] = 0.6
+    width: Annotated[Optional[int], Field(ge=256, le=2048, multiple_of=8,
+                                          description="Output width; default: the image's.")] = None
+    height: Annotated[Optional[int], Field(ge=256, le=2048, multiple_of=8,
+                                           description="Output height; default: the image's.")] = None
+    num_images: Annotated[int, Field(ge=1, le=8, description="Images for this prompt.")] = 1
+
+    @model_validator(mode="after")
+    def _check_source(self) -> "Img2ImgRequest":
+        if (self.image is None) == (self.image_id is None):
+            raise ValueError("give exactly one of image (base64) and image_id")
+        if int(self.steps * self.strength) < 1:
+            raise ValueError(f"steps x strength = {self.steps} x {self.strength} runs no denoising step; "
+                             "raise steps or strength")
+        if self.width and self.height and self.width * self.height > self.limits.max_pixels:
+            raise ValueError(f"width x height is {self.width * self.height} pixels; "
+                             f"the limit is {self.limits.max_pixels} pixels")
+        return self
+
+
+class InpaintRequest(Img2ImgRequest):
+    """Inpainting: like img2img, with a mask whose white pixels are repainted."""
+
+    mask: Annotated[str, Field(description="The mask, base64; white = repaint, black = keep.")]
+    strength: Annotated[float, Field(ge=0.01, le=1, description="How much the masked area is redone.")] = 0.99
 
 
 def configure(limits: Limits) -> None:

@@ -58,8 +58,23 @@ class Settings(BaseSettings):
     aging_per_minute: float = Field(default=10.0, ge=0, le=1000)
     """Priority points a waiting request gains per minute, so lower tiers still progress under load."""
 
-    max_body_bytes: int = Field(default=1 * 2**20, ge=1024, le=256 * 2**20)
-    """Largest request body accepted; beyond it: 413."""
+    max_body_bytes: int = Field(default=16 * 2**20, ge=1024, le=256 * 2**20)
+    """Largest request body accepted (base64 images included); beyond it: 413."""
+
+    max_upload_bytes: int = Field(default=12 * 2**20, ge=1024, le=256 * 2**20)
+    """Largest decoded image or mask accepted by /img2img and /inpaint."""
+
+    checkpoints: str = ""
+    """More base checkpoints requests may choose with ``model`` (comma-separated model store tags)."""
+
+    pinned_checkpoints: str = ""
+    """Checkpoints never unloaded (comma-separated); the default base is always pinned."""
+
+    model_budget_bytes: Optional[int] = Field(default=None, ge=0)
+    """Memory for loaded checkpoints; beyond it the least recently used unpinned one is unloaded."""
+
+    max_loras: int = Field(default=4, ge=0, le=16)
+    """Most LoRA adapters one request may name."""
 
     shutdown_grace_s: float = Field(default=30.0, ge=0, le=3600)
     """On SIGTERM: how long running work may go on before what is left fails with reason ``shutdown``."""
@@ -149,3 +164,8 @@ class Settings(BaseSettings):
             "max_concurrency": self.max_concurrency + 64,
             "timeout": self.timeout + 60,
         }
+
+
+def tags(value: str) -> list[str]:
+    """A comma-separated list of model store tags."""
+    return [tag.strip() for tag in value.split(",") if tag.strip()]

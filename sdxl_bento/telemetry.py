@@ -38,6 +38,8 @@ class Metrics:
                                         multiprocess_mode="max")
         self.ratelimit_redis_failures = Counter("sdxl_ratelimit_redis_failures", "Rate-limit calls Redis failed.")
         self.rejected = Counter("sdxl_rejected", "Requests refused by the gateway, by reason.", ["reason"])
+        self.model_swap_seconds = Histogram("sdxl_model_swap_seconds", "Seconds to load a checkpoint on demand.",
+                                            buckets=(0.5, 1, 2, 5, 10, 20, 40, 80))
         self.content_filtered = Counter("sdxl_images_content_filtered", "Images withheld or blurred by the NSFW check.")
 
     def observe_batch(self, images: int, steps: int, seconds: float) -> None:

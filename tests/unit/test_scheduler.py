@@ -302,3 +302,21 @@ def test_out_of_memory_is_retried_in_halves_and_the_worker_survives(make):
         big.future.result(5)
     assert info.value.status == 503 and info.value.type == "out_of_memory"
     assert s.submit([work("after")], timeout=30)[0].future.result(5) == ["after#0"]
+
+
+def test_work_for_the_loaded_checkpoint_goes_first_so_alternating_requests_do_not_thrash(make):
+    """Alternating requests for two checkpoints: the loaded one's are batched first, then one swap."""
+    import dataclasses
+
+    loaded = {"model-a"}
+    engine = FakeEngine(hold=True)
+    s = make(engine, max_batch_requests=8, is_loaded=lambda tag: tag in loaded)
+    s.submit([work("warm")], timeout=30)
+    engine.started.wait(2)
+    a_key, b_key = dataclasses.replace(A, model="model-a"), dataclasses.replace(A, model="model-b")
+    # b arrives first: without the preference it would start, forcing a swap away from the loaded a
+    jobs = s.submit([Work(key=b_key if i % 2 == 0 else a_key, prompt=f"{'ba'[i % 2]}{i}", negative_prompt="",
+                          seeds=[0]) for i in range(6)], timeout=30)
+    engine.gate.set()
+    [j.future.result(5) for j in jobs]
+    assert engine.batches[1:] == [["a1", "a3", "a5"], ["b0", "b2", "b4"]]
