@@ -145,6 +145,8 @@ class SDXL:
         safety_model = bentoml.models.BentoModel(settings.safety_model)
 
     def __init__(self) -> None:
+        import torch
+
         from sdxl_bento.engine import Engine
         from sdxl_bento.scheduler import Scheduler
 
@@ -168,8 +170,8 @@ class SDXL:
         live.engine = self.engine
         logger.info("warm-up took %.2f s", self.engine.warmup())
         # After warm-up the free GPU memory is what batches may use; without CUDA there is no budget.
-        budget = VramBudget.measure(SDXL_FP16, headroom=settings.vram_headroom) if self.engine.device == "cuda" \
-            else None
+        budget = VramBudget.measure(SDXL_FP16, headroom=settings.vram_headroom,
+                                    device=torch.cuda.current_device()) if self.engine.device == "cuda" else None
         self.throttle = Throttle(NvmlSource.open() or StaticSource([]), slow_above_c=settings.gpu_slow_above_c,
                                  pause_above_c=settings.gpu_pause_above_c, resume_below_c=settings.gpu_resume_below_c)
         start_gpu_telemetry(self.throttle)

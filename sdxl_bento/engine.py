@@ -105,8 +105,15 @@ class LoadedModels:
 
 
 def pick_device(setting: str) -> tuple[str, torch.dtype]:
-    """CUDA in float16 when available (or asked), else the CPU in float32."""
+    """CUDA in float16 when available (or asked), else the CPU in float32.
+
+    BentoML gives every worker all of the service's GPUs; worker k (1-based) makes the k-th visible
+    GPU its current device, so with ``workers: N`` and N GPUs each worker has one GPU of its own.
+    """
     if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        from bentoml import server_context
+
+        torch.cuda.set_device(((server_context.worker_index or 1) - 1) % max(torch.cuda.device_count(), 1))
         return "cuda", torch.float16
     return "cpu", torch.float32
 

@@ -96,3 +96,21 @@ def test_unknown_scheduler_is_a_clear_error(engine):
     key = BatchKey(**{**KEY.__dict__, "scheduler": "lms", "width": 64, "height": 64})
     with pytest.raises(InvalidRequest, match="unknown scheduler 'lms'"):
         engine.generate([Work(key, "a cat", "", [1])])
+
+
+def test_each_worker_takes_its_own_gpu(monkeypatch):
+    """BentoML shows every worker all the GPUs; worker k (1-based) must take the k-th (checked without a GPU)."""
+    import torch
+    from bentoml import server_context
+
+    from sdxl_bento.engine import pick_device
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    for worker, device in [(1, 0), (2, 1), (3, 0)]:
+        monkeypatch.setattr(server_context, "worker_index", worker)
+        assert pick_device("auto") == ("cuda", torch.float16)
+        assert chosen[-1] == device
+    assert pick_device("cpu") == ("cpu", torch.float32)
