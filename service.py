@@ -34,6 +34,7 @@ from sdxl_bento.gpu import NvmlSource, StaticSource, Throttle, ThrottleState
 from sdxl_bento.images import ImageStore
 from sdxl_bento.journal import TaskJournal
 from sdxl_bento.ratelimit import RateLimiter
+from sdxl_bento.replicas import TaskDirectory
 from sdxl_bento.safety import ContentFiltered, ImageGuard, PromptPolicy, Watermarker, load_checker
 from sdxl_bento.models import find_lora, list_loras
 from sdxl_bento.schemas import GenerateRequest, GenerateResponse, Img2ImgRequest, InpaintRequest, RefineRequest
@@ -339,4 +340,6 @@ SDXL.add_asgi_middleware(Gateway, keys=keys, limiter=RateLimiter(settings.redis(
                          generation_routes=GENERATION_ROUTES,
                          protected_routes=(*GENERATION_ROUTES, *TASK_ROUTES, "/sdapi/v1", "/models"),
                          max_body_bytes=settings.max_body_bytes, active=active_jobs, drain=drain)
-SDXL.add_asgi_middleware(TaskControl, registry=task_registry, journal=journal, task_routes=TASK_ROUTES)
+SDXL.add_asgi_middleware(TaskControl, registry=task_registry, journal=journal, task_routes=TASK_ROUTES,
+                         directory=TaskDirectory(settings.redis(), settings.replica_url)
+                         if settings.redis() and settings.replica_url else None)

@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     redis_url: Optional[SecretStr] = None
     """Redis for rate limits and the result cache, shared by workers and replicas; in-process without it."""
 
+    replica_url: str = ""
+    """This replica's URL as the other replicas reach it; with Redis, tasks are then reachable through any replica."""
+
     cache: bool = True
     """Serve identical requests (same parameters and seed) from the result cache."""
 

@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from .journal import TaskJournal, TaskRecord
+from .replicas import TaskDirectory
 from .scheduler import Job, JobState, Scheduler
 
 logger = logging.getLogger(__name__)
@@ -131,11 +132,13 @@ class TaskControl:
     """
 
     def __init__(self, app: Any, registry: TaskRegistry, journal: TaskJournal,
-                 task_routes: tuple[str, ...]) -> None:
+                 task_routes: tuple[str, ...], directory: TaskDirectory | None = None) -> None:
         self.app = app
         self.registry = registry
         self.journal = journal
         self.routes = task_routes
+        self.directory = directory
+        """With several replicas: who owns which task, so any replica can answer for it."""
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -152,6 +155,10 @@ class TaskControl:
             return await self._rewrite(scope, receive, send, lambda body: self._on_submit(body, caller, scope))
         if not task_id or action not in ("cancel", "get", "status"):
             return await self.app(scope, receive, send)
+        if self.directory is not None and self.journal.get(task_id) is None:
+            owner = self.directory.owner(task_id)
+            if owner is not None:
+                return await self.directory.forward(owner, scope, receive, send)
         if not self._visible(task_id, caller):
             return await _not_found(task_id, scope, receive, send)
         record = self.journal.get(task_id)
@@ -205,6 +212,8 @@ class TaskControl:
         if isinstance(body, dict) and "task_id" in body:
             self.registry.submitted(body["task_id"])
             self.journal.accepted(body["task_id"], caller)
+            if self.directory is not None:
+                self.directory.announce(body["task_id"])
             scope.setdefault("state", {}).setdefault("audit", {})["task_id"] = body["task_id"]
         return body
 

@@ -22,9 +22,11 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(self, env: dict[str, str], log: Path, replica: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        if replica:  # other replicas reach this one at its own URL
+            env = {**env, "SDXL_BENTO_REPLICA_URL": self.url}
         self.log = log
         self._log_file = open(log, "wb")
         self.proc = subprocess.Popen(

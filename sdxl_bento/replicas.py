@@ -1,0 +1,68 @@
+"""Tasks across replicas: a task submitted to one replica can be polled, fetched and cancelled
+through any other.
+
+BentoML runs a task inside the process that accepted it and keeps its state there. Each replica
+records, in the shared Redis, which replica (its internal URL, ``SDXL_BENTO_REPLICA_URL``) owns each
+task it accepts; a replica asked about a task it does not know forwards the request to the owner and
+relays the answer, headers and all (the owner checks the API key itself).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+
+logger = logging.getLogger(__name__)
+
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length"}
+
+
+class TaskDirectory:
+    def __init__(self, redis_url: str, self_url: str, *, retention_s: int = 24 * 3600,
+                 prefix: str = "sdxl-bento:task:") -> None:
+        import redis
+
+        self.self_url = self_url.rstrip("/")
+        self.retention_s = retention_s
+        self.prefix = prefix
+        self._redis = redis.Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
+
+    def announce(self, task_id: str) -> None:
+        """This replica owns the task (best effort: without Redis, tasks are still served here)."""
+        try:
+            self._redis.set(self.prefix + task_id, self.self_url, ex=self.retention_s)
+        except Exception as exc:  # redis.RedisError, OSError
+            logger.warning("task directory: could not record task %s (%s)", task_id, exc)
+
+    def owner(self, task_id: str) -> str | None:
+        """The URL of the replica that owns the task, when it is another one."""
+        try:
+            value = self._redis.get(self.prefix + task_id)
+        except Exception as exc:
+            logger.warning("task directory: lookup of %s failed (%s)", task_id, exc)
+            return None
+        url = value.decode() if value else None
+        return url if url and url != self.self_url else None
+
+    async def forward(self, owner: str, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Send the same request to the owner and relay its answer; 503 when the owner cannot be reached."""
+        from starlette.requests import Request
+        from starlette.responses import JSONResponse, Response
+
+        request = Request(scope, receive)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        url = f"{owner}{scope['path']}"
+        try:
+            async with httpx.AsyncClient(timeout=30) as client:
+                answer = await client.request(request.method, url, params=request.query_params, headers=headers,
+                                              content=await request.body())
+        except httpx.HTTPError as exc:
+            response: Response = JSONResponse(
+                {"error": {"type": "unavailable", "message": f"the replica running this task is unreachable ({exc})"}},
+                status_code=503, headers={"Retry-After": "5"})
+        else:
+            relay = {k: v for k, v in answer.headers.items() if k.lower() not in _HOP_BY_HOP | {"content-encoding"}}
+            response = Response(answer.content, status_code=answer.status_code, headers=relay)
+        await response(scope, receive, send)
