@@ -37,24 +37,10 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from .errors import ServiceError
+from .errors import Forbidden, Unauthorized
 
 KEY_PREFIX = "sk-sdxl-"
 
-
-class Unauthorized(ServiceError):
-    """No API key, or one that matches no stored hash."""
-
-    status, type = 401, "unauthorized"
-
-    def headers(self) -> dict[str, str]:
-        return {**super().headers(), "WWW-Authenticate": 'Bearer realm="sdxl-bento"'}
-
-
-class Forbidden(ServiceError):
-    """A valid key asking for more than its tier allows."""
-
-    status, type = 403, "forbidden"
 
 
 @dataclass(frozen=True)

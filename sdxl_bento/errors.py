@@ -75,6 +75,52 @@ class GenerationFailed(ServiceError):
     status, type = 500, "generation_failed"
 
 
+class Unauthorized(ServiceError):
+    """No API key, or one that matches no stored hash."""
+
+    status, type = 401, "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "WWW-Authenticate": 'Bearer realm="sdxl-bento"'}
+
+
+class Forbidden(ServiceError):
+    """A valid key asking for more than its tier allows."""
+
+    status, type = 403, "forbidden"
+
+
+class PayloadTooLarge(ServiceError):
+    status, type = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status, type = 415, "unsupported_media_type"
+
+
+class TooManyRequests(ServiceError):
+    status, type = 429, "rate_limited"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self._extra = headers or {}
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), **self._extra}
+
+
+class OutOfMemory(ServiceError):
+    """One request does not fit in GPU memory even alone, after freeing the cache."""
+
+    status, type = 503, "out_of_memory"
+
+
+class ContentFiltered(ServiceError):
+    """The prompt matches the operator's content policy; nothing was generated."""
+
+    status, type = 400, "content_filtered"
+
+
 class ModelMissing(RuntimeError):
     """A model the service needs is not in the Bento model store (raised at startup, not per request)."""
 

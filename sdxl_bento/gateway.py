@@ -21,7 +21,7 @@ from typing import Any
 from . import a1111, openai_compat
 from .audit import AuditLog
 from .auth import OPEN_PRINCIPAL, KeyStore, Principal, Unauthorized, check_request, extract_key
-from .errors import InvalidRequest, ServiceError, ShuttingDown
+from .errors import InvalidRequest, PayloadTooLarge, ServiceError, ShuttingDown, TooManyRequests, UnsupportedMediaType
 from .ratelimit import Limit, RateLimiter
 
 logger = logging.getLogger(__name__)
@@ -29,25 +29,6 @@ logger = logging.getLogger(__name__)
 ANONYMOUS = OPEN_PRINCIPAL
 DEADLINE_HEADER = "x-request-deadline"
 """Seconds the client is willing to wait; only a deadline shorter than the tier's default is honoured."""
-
-
-class PayloadTooLarge(ServiceError):
-    status, type = 413, "payload_too_large"
-
-
-class UnsupportedMediaType(ServiceError):
-    status, type = 415, "unsupported_media_type"
-
-
-class TooManyRequests(ServiceError):
-    status, type = 429, "rate_limited"
-
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None, **kw: Any) -> None:
-        super().__init__(message, **kw)
-        self._extra = headers or {}
-
-    def headers(self) -> dict[str, str]:
-        return {**super().headers(), **self._extra}
 
 
 @dataclass(frozen=True)

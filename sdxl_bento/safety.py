@@ -31,19 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from .errors import ServiceError
+from .errors import ContentFiltered
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
 # -- prompt policy ---------------------------------------------------------------------------------
-
-
-class ContentFiltered(ServiceError):
-    """The prompt matches the operator's content policy; nothing was generated."""
-
-    status, type = 400, "content_filtered"
 
 
 Field = Literal["prompt", "negative_prompt"]

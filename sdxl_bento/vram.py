@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
-from .errors import ServiceError
+from .errors import OutOfMemory
 
 logger = logging.getLogger(__name__)
 
@@ -24,12 +24,6 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 GiB = 1 << 30
-
-
-class OutOfMemory(ServiceError):
-    """One request does not fit in GPU memory even alone, after freeing the cache."""
-
-    status, type = 503, "out_of_memory"
 
 
 @dataclass(frozen=True)

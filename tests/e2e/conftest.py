@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -79,8 +80,15 @@ def private_home(shared: Path, root: Path) -> Path:
 @pytest.fixture(scope="session")
 def server(bentoml_home, tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
-    srv = Server(service_env(private_home(bentoml_home, root), root / "images", max_concurrency=4, concurrency=2,
-                             timeout=60), root / "server.log")
+    with serving(service_env(private_home(bentoml_home, root), root / "images", max_concurrency=4, concurrency=2,
+                             timeout=60), root / "server.log") as srv:
+        yield srv
+
+
+@contextlib.contextmanager
+def serving(env: dict[str, str], log: Path, **options):
+    """A started, ready service, stopped at the end."""
+    srv = Server(env, log, **options)
     try:
         srv.wait_ready()
         yield srv
@@ -88,15 +96,15 @@ def server(bentoml_home, tmp_path_factory):
         srv.stop()
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory):
-    """A real redis-server on a free loopback port (CI installs Debian's redis-server)."""
+@contextlib.contextmanager
+def redis_process():
+    """A real redis-server on a free loopback port: (url, process). The test command installs Debian's."""
     import shutil
 
     import redis
 
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (CI installs it: apt-get install redis-server)")
+        pytest.skip("redis-server is not installed (scripts/test installs it: apt-get install redis-server)")
     port = free_port()
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -107,6 +115,8 @@ def redis_server(tmp_path_factory):
             break
         except redis.ConnectionError:
             time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0", proc
-    proc.kill()
-    proc.wait()
+    try:
+        yield f"redis://127.0.0.1:{port}/0", proc
+    finally:
+        proc.kill()
+        proc.wait()

@@ -11,7 +11,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from .conftest import Server, private_home, service_env
+from .conftest import private_home, service_env, serving
 
 pytestmark = pytest.mark.e2e
 
@@ -22,12 +22,8 @@ def fuzz_server(bentoml_home, tmp_path_factory):
     # The smallest allowed image area keeps every valid generation cheap on a CPU.
     env = service_env(private_home(bentoml_home, root), root / "images", max_pixels=256 * 256, timeout=30,
                       max_concurrency=8, concurrency=2)
-    srv = Server(env, root / "server.log")
-    try:
-        srv.wait_ready()
+    with serving(env, root / "server.log") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def error_message(response) -> str:

@@ -9,17 +9,15 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 
 import httpx
 import pytest
-import redis
 import yaml
 
-from .conftest import REPO, Server, free_port, private_home, service_env
+from .conftest import Server, private_home, redis_process, service_env
 
 pytestmark = pytest.mark.e2e
 CHEAP = {"width": 256, "height": 256, "steps": 2}
@@ -33,21 +31,8 @@ TIERS = {
 
 @pytest.fixture(scope="module")
 def redis_url():
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (scripts/test installs it)")
-    port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0", proc
-    proc.kill()
-    proc.wait()
+    with redis_process() as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +191,6 @@ def test_premium_goes_first_under_load_and_tasks_are_private(servers, keys):
     for method, action in (("GET", "status"), ("GET", "get"), ("PUT", "cancel")):
         r = httpx.request(method, f"{a.url}/jobs/{action}", params={"task_id": premium}, headers=auth(k["dave"]))
         assert r.status_code == 404
-    finished = {}
     for name, task_id in [("premium", premium), *free_tasks, ("blocker", blocker)]:
         key = k["boss"] if name == "premium" else k["vip"] if name == "blocker" else k[name]
         assert _wait_done(a, key, task_id)["status"] == "completed"

@@ -15,7 +15,7 @@ from PIL import Image
 
 from tests.unit.test_lora import make_lora
 
-from .conftest import Server, private_home, service_env
+from .conftest import Server, private_home, service_env, serving
 
 pytestmark = pytest.mark.e2e
 SMALL = {"width": 256, "height": 256, "steps": 4}
@@ -34,12 +34,8 @@ def model_server(bentoml_home, tmp_path_factory):
     cli("models", "import-lora", str(make_lora(root / "lora", seed=3)), "--tag", "e2e-style")
     env = service_env(private_home(bentoml_home, root), root / "images", checkpoints="tiny-alt", concurrency=4,
                       cache="false")
-    srv = Server(env, root / "server.log")
-    try:
-        srv.wait_ready()
+    with serving(env, root / "server.log") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def png(image: Image.Image) -> str:

@@ -13,7 +13,7 @@ import yaml
 from sdxl_bento.engine import BatchKey, Work
 from sdxl_bento.safety import build_synthetic_classifier
 
-from .conftest import Server, private_home, service_env
+from .conftest import private_home, service_env, serving
 
 pytestmark = pytest.mark.e2e
 SMALL = {"width": 256, "height": 256, "steps": 4}
@@ -39,12 +39,8 @@ def safe_server(bentoml_home, engine, tmp_path_factory):
                                       "patterns": [r"\bcelebrity\s+\w+\s+nude\b"]}))
     env = service_env(private_home(bentoml_home, root), root / "images", safety_model="test-safety:latest",
                       safety="on", safety_threshold=0, policy_file=policy, audit_log=root / "audit.jsonl")
-    srv = Server(env, root / "server.log")
-    try:
-        srv.wait_ready()
+    with serving(env, root / "server.log") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_flagged_images_are_withheld_per_image(safe_server):
