@@ -312,6 +312,7 @@ class Generation:
         works, index = [], []
         for i, req in enumerate(requests):
             try:
+                self.check(req, ctx)
                 works.append(self.work(req))
                 index.append(i)
             except ServiceError as exc:

@@ -67,6 +67,13 @@ def service_env(home: Path, images: Path, **settings: str) -> dict[str, str]:
     return env
 
 
+@pytest.fixture(scope="module")
+def http(server):
+    """Plain HTTP to the session's service."""
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        yield client
+
+
 def private_home(shared: Path, root: Path) -> Path:
     """A BENTOML_HOME of its own (``bentoml serve`` re-creates the task database in its home at every
     start), sharing the session's model store."""

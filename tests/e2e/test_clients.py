@@ -30,12 +30,6 @@ SMALL = {"width": 256, "height": 256, "steps": 4}
 
 
 @pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def openai_client(server):
     openai = pytest.importorskip("openai", reason="the openai package is not installed (pip install openai==3.54.0)")
     return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)

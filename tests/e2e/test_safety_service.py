@@ -73,3 +73,11 @@ def test_negative_prompts_and_innocent_prompts_pass_the_policy(safe_server):
     for body in ({"prompt": "a still life", "negative_prompt": "bazooka"}, {"prompt": "a bazookas-free class photo"}):
         r = httpx.post(f"{safe_server.url}/generate", json={**body, **SMALL, "safety_check": False}, timeout=60)
         assert r.status_code == 200, r.text
+
+
+def test_the_batchable_api_applies_the_same_checks_per_item(safe_server):
+    r = httpx.post(f"{safe_server.url}/generate_batch", json={"requests": [
+        {"prompt": "a bazooka", **SMALL}, {"prompt": "a meadow", **SMALL}]}, timeout=120)
+    blocked, checked = r.json()
+    assert not blocked["ok"] and blocked["error"]["type"] == "content_filtered"
+    assert checked["ok"] and checked["result"]["images"][0]["finish_reason"] == "content_filtered"

@@ -21,12 +21,6 @@ SMALL = {"width": 256, "height": 256, "steps": 4}
 
 
 @pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def client(server):
     with Client(server.url, timeout=120) as c:
         yield c
