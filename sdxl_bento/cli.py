@@ -87,8 +87,9 @@ def parser() -> argparse.ArgumentParser:
     syn.add_argument("--seed", type=int, default=0)
     syn.set_defaults(run=_synth)
 
-    lora = cmds.add_parser("import-lora", help="import a LoRA (.safetensors file or folder) into the store")
-    lora.add_argument("source")
+    lora = cmds.add_parser("import-lora", help="import a LoRA (.safetensors file, folder or hub id) into the store")
+    lora.add_argument("source", help="a .safetensors file, a folder with pytorch_lora_weights.safetensors, "
+                                     "or a Hugging Face repo id holding one")
     lora.add_argument("--tag", required=True, help="the name requests use in loras: [{name, weight}]")
     lora.set_defaults(run=_import_lora)
 

@@ -96,11 +96,15 @@ def inspect_lora(path: str | Path) -> dict[str, Any]:
 
 
 def import_lora(source: str, tag: str) -> str:
-    """Save a LoRA (a ``.safetensors`` file, or a folder holding ``pytorch_lora_weights.safetensors``) into the
-    Bento model store as ``tag``; returns the new tag (``name:version``)."""
+    """Save a LoRA (a ``.safetensors`` file, a folder holding ``pytorch_lora_weights.safetensors``, or a hub id
+    whose repository holds one) into the Bento model store as ``tag``; returns the new tag (``name:version``)."""
     import bentoml
 
+    from .store import hub_snapshot
+
     path = Path(source).expanduser()
+    if not path.exists():
+        path = hub_snapshot(source, [LORA_WEIGHT_NAME])
     if path.is_dir():
         file = path / LORA_WEIGHT_NAME
         if not file.is_file():
@@ -110,7 +114,7 @@ def import_lora(source: str, tag: str) -> str:
             raise ValueError(f"{source}: a LoRA must be a .safetensors file")
         file = path
     else:
-        raise ValueError(f"{source}: no such file or folder")
+        raise ValueError(f"{source}: not a file or folder")
     info = inspect_lora(file)
     metadata = {"role": LORA_ROLE, "source": str(source), "sha256": _sha256(file), "synthetic": False,
                 "tensors": info["tensors"], "rank": info["rank"] or 0, "components": ",".join(info["components"])}

@@ -92,9 +92,9 @@ class Scheduler:
         self.throttle = throttle
         """Temperature guard: smaller batches when hot, no new batch when paused."""
         self.budget = budget
+        """VRAM guard: a batch never holds more images than the measured budget fits."""
         self.is_loaded = is_loaded
         """Which checkpoint is in memory: among equals, its work goes first, so swaps stay rare."""
-        """VRAM guard: a batch never holds more images than the measured budget fits."""
         self.aging_per_s = aging_per_minute / 60.0
         self.max_batch_requests = max_batch_requests
         self.max_batch_images = max_batch_images
@@ -108,8 +108,6 @@ class Scheduler:
         self._stop_reason = "shutdown"
         self._thread: threading.Thread | None = None
         self._seconds_per_unit: float | None = None
-        self.batches_run = 0
-        self.images_generated = 0
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -186,8 +184,8 @@ class Scheduler:
         if self._seconds_per_unit is None or job.state not in (JobState.queued, JobState.running):
             return None
         with self._cond:
-            ahead = [j for j in sorted(self._queue, key=self._order)]
-            ahead = ahead[: ahead.index(job) + 1] if job in ahead else []
+            order = sorted(self._queue, key=self._order)
+            ahead = order[: order.index(job) + 1] if job in order else []
             units = sum(j.cost() * (1 - j.step / max(1, j.total_steps)) for j in self._running)
             units += sum(j.cost() for j in ahead)
         return units * self._seconds_per_unit
@@ -229,13 +227,14 @@ class Scheduler:
             max_requests = self.throttle.batch_limit(max_requests)
             if max_requests == 0:  # paused: the GPU cools down; waiting work keeps its place
                 return []
-        order = sorted(self._queue, key=self._order)
+        ranked = sorted(((self._order(j), j) for j in self._queue), key=lambda pair: pair[0])
+        order = [job for _, job in ranked]
         head = order[0]
         if self.is_loaded is not None and not self.is_loaded(head.work.key.model):
             # Prefer work for a loaded checkpoint of the same (aged) priority over a swap; aging still
             # lifts waiting work for another checkpoint above it in time, so nothing starves.
-            band = self._order(head)[0]
-            head = next((j for j in order if self._order(j)[0] == band and self.is_loaded(j.work.key.model)), head)
+            band = ranked[0][0][0]
+            head = next((j for rank, j in ranked if rank[0] == band and self.is_loaded(j.work.key.model)), head)
         key = head.work.key
         max_images = self.max_batch_images
         if self.budget is not None:
@@ -309,14 +308,12 @@ class Scheduler:
         units = sum(job.cost() for job in batch)
         rate = elapsed / units
         self._seconds_per_unit = rate if self._seconds_per_unit is None else 0.7 * self._seconds_per_unit + 0.3 * rate
-        self.batches_run += 1
         if self.observer is not None:
             self.observer.observe_batch(sum(j.work.num_images for j in batch), batch[0].work.key.total_steps(), elapsed)
         for job, images in zip(batch, results):
             if job.cancel_requested:
                 self._finish(job, JobState.cancelled, Cancelled("the job was cancelled"))
             else:
-                self.images_generated += len(images)
                 self._finish(job, JobState.done, images)
 
     def _finish(self, job: Job, state: JobState, outcome: Any) -> None:

@@ -57,6 +57,24 @@ def from_model(model: Any) -> StoredPipeline:
     return StoredPipeline(str(model.tag), Path(model.path), dict(model.info.metadata))
 
 
+def is_hub_id(source: str) -> bool:
+    """``owner/name``: a Hugging Face repository id rather than a path."""
+    return not source.startswith((".", "/", "~")) and source.count("/") == 1
+
+
+def hub_snapshot(source: str, patterns: list[str]) -> Path:
+    """Download the files of a hub repository matching ``patterns``; clear errors offline or for a bad id."""
+    if not is_hub_id(source):
+        raise ValueError(f"{source}: no such file or folder, and not a Hugging Face repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, allow_patterns=patterns))
+    except OSError as exc:  # huggingface_hub raises OSError subclasses when offline or not found
+        raise ConnectionError(f"could not fetch {source} from the Hugging Face Hub ({exc}); import a local "
+                              "file or folder instead") from exc
+
+
 def find(tag: str) -> StoredPipeline | None:
     try:
         model = bentoml.models.get(tag)
@@ -122,7 +140,7 @@ def load_source(source: str, role: Role, dtype: str = "float16", config: str | N
         if not (path / "model_index.json").is_file():
             raise ValueError(f"{source}: not a diffusers pipeline folder (no model_index.json)")
         return cls.from_pretrained(str(path), dtype=torch_dtype, use_safetensors=True)
-    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+    if not is_hub_id(source):
         raise ValueError(f"{source}: no such file or folder, and not a Hugging Face repo id (owner/name)")
     variant = "fp16" if dtype == "float16" else None
     try:
@@ -159,12 +177,7 @@ def save_synthetic(preset: str, refiner: bool = False, base_tag: str | None = No
 
 def list_models() -> list[StoredPipeline]:
     """Every SDXL pipeline in the store (models saved by this project)."""
-    rows = []
-    for model in bentoml.models.list():
-        metadata = dict(model.info.metadata)
-        if metadata.get("role") in ROLES:
-            rows.append(StoredPipeline(str(model.tag), Path(model.path), metadata))
-    return rows
+    return [from_model(m) for m in bentoml.models.list() if m.info.metadata.get("role") in ROLES]
 
 
 def import_checker(source: str, kind: str, tag: str | None = None, synthetic: bool = False) -> str:
@@ -175,15 +188,7 @@ def import_checker(source: str, kind: str, tag: str | None = None, synthetic: bo
         raise ValueError(f"checker kind must be one of {', '.join(CHECKER_KINDS)}, not {kind!r}")
     path = Path(source).expanduser()
     if not path.is_dir():
-        if source.startswith((".", "/", "~")) or source.count("/") != 1:
-            raise ValueError(f"{source}: no such folder, and not a Hugging Face repo id (owner/name)")
-        from huggingface_hub import snapshot_download
-
-        try:
-            path = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
-        except OSError as exc:
-            raise ConnectionError(f"could not fetch {source} from the Hugging Face Hub ({exc}); import a local "
-                                  "folder instead") from exc
+        path = hub_snapshot(source, ["*.json", "*.safetensors", "*.txt"])
     if not (path / "config.json").is_file() and not (path / "safety_checker" / "config.json").is_file():
         raise ValueError(f"{source}: no config.json: not a transformers/diffusers checker folder")
     metadata = {"role": "safety", "kind": kind, "source": source, "synthetic": synthetic, "dtype": "float32"}

@@ -58,6 +58,12 @@ def test_bad_sources_get_clear_errors(bentoml_home, tmp_path):
                             ("./nowhere/at/all", "no such file or folder")]:
         with pytest.raises(ValueError, match=message):
             store.load_source(source, "base")
+    from sdxl_bento.models import import_lora
+
+    with pytest.raises(ValueError, match="no such file or folder, and not a Hugging Face repo id"):
+        import_lora("./nowhere/lora.safetensors", "nowhere")
+    with pytest.raises(ValueError, match="no such file or folder, and not a Hugging Face repo id"):
+        store.import_checker(str(tmp_path / "missing"), "classifier")
 
 
 def test_cli_lists_models(bentoml_home):
