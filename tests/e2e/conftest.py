@@ -22,6 +22,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> float:
+    """Seconds until ``/readyz`` answers 200; fails with the log's tail if the process exits or time runs out."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-6000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return time.monotonic() - start
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"server not ready in {timeout} s:\n{log.read_text()[-6000:]}")
+
+
 class Server:
     def __init__(self, env: dict[str, str], log: Path, replica: bool = False) -> None:
         self.port = free_port()
@@ -35,17 +50,7 @@ class Server:
             cwd=REPO, env=env, stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"server not ready in {timeout} s:\n{self.log.read_text()[-4000:]}")
+        wait_ready(self.url, self.proc, self.log, timeout)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

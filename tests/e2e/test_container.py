@@ -32,6 +32,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from .conftest import wait_ready
+
 REPO = Path(__file__).resolve().parents[2]
 DRIVER = os.environ.get("SDXL_BENTO_STORAGE_DRIVER", "vfs")
 BUILDAH = shutil.which("buildah")
@@ -187,17 +189,8 @@ def serving(container: str, argv: list[str], volumes: list[str], log: Path):
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
-        start = time.monotonic()
-        while True:
-            assert proc.poll() is None, f"the container exited with {proc.returncode}:\n{log.read_text()[-6000:]}"
-            assert time.monotonic() - start < 300, f"not ready in 300 s:\n{log.read_text()[-6000:]}"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        record(**{f"ready_s_{argv[0].rsplit('/', 1)[-1]}": round(time.monotonic() - start, 1)})
+        ready_s = wait_ready(url, proc, log, timeout=300)
+        record(**{f"ready_s_{argv[0].rsplit('/', 1)[-1]}": round(ready_s, 1)})
         yield url
     finally:
         _stop(proc, token)
