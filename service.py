@@ -148,7 +148,7 @@ class SDXL:
     def __init__(self) -> None:
         import torch
 
-        from sdxl_bento.engine import Engine
+        from sdxl_bento.engine import Engine, pick_device
         from sdxl_bento.scheduler import Scheduler
 
         base = store.from_model(self.base_model)
@@ -163,13 +163,15 @@ class SDXL:
         lost = journal.recover()
         if lost:
             logger.warning("%d task(s) were unfinished when the service last stopped: marked failed (restart)", lost)
-        self.engine = Engine(base, refiner, device=settings.device, budget_bytes=settings.model_budget_bytes)
+        device, _ = pick_device(settings.device)
+        self.engine = Engine(base, refiner, device=device, budget_bytes=settings.model_budget_bytes,
+                             acceleration=settings.acceleration(device), deepcache_interval=settings.deepcache_interval)
         pinned = set(tags(settings.pinned_checkpoints))
         for tag in tags(settings.checkpoints):
             self.engine.add_checkpoint(store.resolve(tag, "base"), pinned=tag in pinned)
         self.engine.manager.on_swap = lambda tag, seconds: metrics().model_swap_seconds.observe(seconds)
         live.engine = self.engine
-        logger.info("warm-up took %.2f s", self.engine.warmup())
+        logger.info("warm-up took %.2f s", self.engine.warmup(*settings.warmup(device)))
         # After warm-up the free GPU memory is what batches may use; without CUDA there is no budget.
         budget = VramBudget.measure(SDXL_FP16, headroom=settings.vram_headroom,
                                     device=torch.cuda.current_device()) if self.engine.device == "cuda" else None

@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional
 
 import torch
 from PIL import Image
 
+from . import accel
+from .accel import Acceleration, Decoder
+from .deepcache import deep_cache
 from .errors import InvalidRequest
 from .models import LoadedPipeline, ModelManager
 from .store import StoredPipeline
@@ -40,6 +45,8 @@ SCHEDULER_NAMES = tuple(_SCHEDULERS)
 
 Kind = Literal["txt2img", "refine", "img2img", "inpaint"]
 KINDS: tuple[str, ...] = ("txt2img", "refine", "img2img", "inpaint")
+Approximation = Literal["none", "deepcache"]
+APPROXIMATIONS: tuple[str, ...] = ("none", "deepcache")
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,8 @@ class BatchKey:
     """The base checkpoint's model store tag (``name`` or ``name:version``); empty: the default base."""
     loras: tuple[tuple[str, float], ...] = ()
     """(LoRA name in the model store, weight) pairs, active for the whole batch; empty: none."""
+    approximation: Approximation = "none"
+    """``deepcache``: reuse the UNet's deep features between steps (faster, changes the image; opt-in)."""
 
     def total_steps(self) -> int:
         if self.kind in ("refine", "img2img", "inpaint"):
@@ -154,14 +163,22 @@ def prepare_mask(mask: Image.Image, width: int, height: int) -> Image.Image:
 class Engine:
     def __init__(self, base: StoredPipeline, refiner: StoredPipeline | None = None, device: str = "auto", *,
                  budget_bytes: int | None = None, pin_default: bool = True,
-                 manager: ModelManager | None = None) -> None:
+                 manager: ModelManager | None = None, acceleration: Acceleration | None = None,
+                 deepcache_interval: int = 3) -> None:
         """Load ``base`` (the default checkpoint, pinned unless ``pin_default`` is False) and the refiner, which
-        serves every checkpoint. ``budget_bytes`` bounds the memory of loaded checkpoints (None: unbounded)."""
+        serves every checkpoint. ``budget_bytes`` bounds the memory of loaded checkpoints (None: unbounded).
+        ``acceleration`` (default: ``Acceleration.resolve`` for the device) says what is compiled and captured."""
         from diffusers import StableDiffusionXLImg2ImgPipeline
 
         self.device, self.dtype = pick_device(device)
         started = time.perf_counter()
-        self.manager = manager or ModelManager(self.device, self.dtype, budget_bytes=budget_bytes)
+        self.acceleration = acceleration or Acceleration.resolve(self.device)
+        if self.acceleration.compile != "off" and self.acceleration.compile_cache is not None:
+            accel.use_compile_cache(self.acceleration.compile_cache)
+        self.deepcache_interval = deepcache_interval
+        self._decoders: "weakref.WeakKeyDictionary[Any, Decoder]" = weakref.WeakKeyDictionary()
+        self.manager = manager or ModelManager(self.device, self.dtype, budget_bytes=budget_bytes,
+                                               acceleration=self.acceleration)
         self.manager.register(base, pinned=pin_default, default=True)
         default = self.manager.ensure(base.tag)
         base_pipe = default.pipe
@@ -170,12 +187,13 @@ class Engine:
             # Shared components are passed in, so they are neither loaded nor held twice.
             refiner_pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(
                 str(refiner.path), text_encoder_2=base_pipe.text_encoder_2, vae=base_pipe.vae,
-                dtype=self.dtype,
+                dtype=self.dtype, add_watermarker=False,
             )
             refiner_pipe.to(self.device)
             refiner_pipe.set_progress_bar_config(disable=True)
             if self.dtype == torch.float16:
                 refiner_pipe.vae.register_to_config(force_upcast=True)
+            accel.prepare_unet(refiner_pipe.unet, self.acceleration)
             self.manager.add_shared("refiner", refiner_pipe)
         self._refiner = refiner_pipe
         self._base_tag = base.tag
@@ -184,8 +202,9 @@ class Engine:
         self._scheduler_configs = {"base": base_pipe.scheduler.config,
                                    "refiner": refiner_pipe.scheduler.config if refiner_pipe else None}
         self.load_seconds = time.perf_counter() - started
-        logger.info("loaded %s%s on %s (%s) in %.1f s", base.tag, f" + {refiner.tag}" if refiner else "",
-                    self.device, str(self.dtype).removeprefix("torch."), self.load_seconds)
+        logger.info("loaded %s%s on %s (%s) in %.1f s; %s", base.tag, f" + {refiner.tag}" if refiner else "",
+                    self.device, str(self.dtype).removeprefix("torch."), self.load_seconds,
+                    self.acceleration.describe())
 
     @property
     def models(self) -> LoadedModels:
@@ -222,6 +241,9 @@ class Engine:
             raise InvalidRequest(f"refine: {key.kind} takes no refiner pass (refine must be none)", field="refine")
         if key.kind == "refine" and key.loras:
             raise InvalidRequest("loras: LoRAs apply to the base checkpoint; the refiner takes none", field="loras")
+        if key.approximation not in APPROXIMATIONS:
+            raise InvalidRequest(f"approximation: unknown {key.approximation!r}; valid: {', '.join(APPROXIMATIONS)}",
+                                 field="approximation")
         if (key.kind != "txt2img" or key.refine == "img2img") and int(key.steps * key.strength) < 1:
             raise InvalidRequest(f"strength: {key.strength} x {key.steps} steps leaves no denoising step; "
                                  "raise strength or steps", field="strength")
@@ -269,11 +291,24 @@ class Engine:
                       num_inference_steps=key.steps, generator=generators, callback_on_step_end=callback)
         refiner = self._refiner
 
+        def run(pipe: Any, **kwargs: Any) -> Any:
+            """One pipeline call in the batch's mode; final images decoded by our decoder when one is set."""
+            decoder = self._decoder(pipe.vae) if kwargs.get("output_type") != "latent" else None
+            if decoder is not None:
+                kwargs["output_type"] = "latent"
+            with ExitStack() as stack:
+                if key.loras or key.approximation != "none":
+                    stack.enter_context(accel.eager(pipe.unet))  # a graph would not see the LoRA or the cache
+                if key.approximation == "deepcache":
+                    stack.enter_context(deep_cache(pipe.unet, self.deepcache_interval))
+                images = pipe(**kwargs, **common).images
+            return images if decoder is None else pipe.image_processor.postprocess(decoder(images))
+
         def run_refiner(**kwargs: Any) -> list[Any]:
             # LoRAs are for the base pass; the refiner's text encoder may be the base's, so they are turned off.
             self.manager.quiet_loras(refiner)
             refiner.scheduler = self._scheduler(self._scheduler_configs["refiner"], key.scheduler)
-            return refiner(**kwargs, **common).images
+            return run(refiner, **kwargs)
 
         with torch.inference_mode():
             if key.kind == "refine":
@@ -281,23 +316,23 @@ class Engine:
             elif key.kind == "img2img":
                 pipe = loaded.img2img()
                 pipe.scheduler = self._scheduler(loaded.scheduler_config, key.scheduler)
-                images = pipe(image=init, strength=key.strength, **common).images
+                images = run(pipe, image=init, strength=key.strength)
             elif key.kind == "inpaint":
                 pipe = loaded.inpaint()
                 pipe.scheduler = self._scheduler(loaded.scheduler_config, key.scheduler)
-                images = pipe(image=init, mask_image=masks, width=key.width, height=key.height,
-                              strength=key.strength, **common).images
+                images = run(pipe, image=init, mask_image=masks, width=key.width, height=key.height,
+                             strength=key.strength)
             else:
                 base = loaded.pipe
                 base.scheduler = self._scheduler(loaded.scheduler_config, key.scheduler)
                 size = dict(width=key.width, height=key.height)
                 if key.refine == "none":
-                    images = base(**size, **common).images
+                    images = run(base, **size)
                 elif key.refine == "ensemble":
-                    latents = base(**size, denoising_end=key.high_noise_frac, output_type="latent", **common).images
+                    latents = run(base, **size, denoising_end=key.high_noise_frac, output_type="latent")
                     images = run_refiner(image=latents, denoising_start=key.high_noise_frac)
                 else:  # img2img: the refiner passes over the finished latents
-                    latents = base(**size, output_type="latent", **common).images
+                    latents = run(base, **size, output_type="latent")
                     images = run_refiner(image=latents, strength=key.strength)
         if len(images) != len(prompts):
             raise RuntimeError(f"pipeline returned {len(images)} images for {len(prompts)} prompts")
@@ -309,9 +344,26 @@ class Engine:
             start += w.num_images
         return out
 
-    def warmup(self) -> float:
-        """One small generation, so the first request does not pay for kernel selection."""
+    def _decoder(self, vae: Any) -> Decoder | None:
+        if self.acceleration.vae_dtype is None:
+            return None
+        decoder = self._decoders.get(vae)
+        if decoder is None:
+            decoder = self._decoders[vae] = Decoder(vae, self.acceleration.vae_dtype)
+        return decoder
+
+    def warmup(self, width: int = 256, height: int = 256) -> float:
+        """Generations at the size most requests use, so the first request pays neither for kernel selection nor
+        for compilation nor for CUDA-graph capture (a graph is captured on a signature's second call: 3 steps).
+        With compilation, batches of one and two images: Dynamo compiles for the first shape, then once more
+        with dynamic shapes, which serve every later batch size."""
         started = time.perf_counter()
-        key = BatchKey(kind="txt2img", width=256, height=256, steps=2, guidance_scale=5.0, scheduler="euler")
-        self.generate([Work(key=key, prompt="warm-up", negative_prompt="", seeds=[0])])
+        accelerated = self.acceleration.cuda_graphs or self.acceleration.compile != "off"
+        steps = 3 if accelerated else 2
+        key = BatchKey(kind="txt2img", width=width, height=height, steps=steps, guidance_scale=5.0, scheduler="euler")
+        for seeds in ([0], [0, 1]) if self.acceleration.compile != "off" else ([0],):
+            self.generate([Work(key=key, prompt="warm-up", negative_prompt="", seeds=seeds)])
+        if self._refiner is not None and steps > 2:
+            ensemble = BatchKey(**{**key.__dict__, "steps": 2 * steps, "refine": "ensemble", "high_noise_frac": 0.5})
+            self.generate([Work(key=ensemble, prompt="warm-up", negative_prompt="", seeds=[0])])
         return time.perf_counter() - started

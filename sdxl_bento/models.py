@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import torch
 
+from .accel import Acceleration, prepare_unet
 from .errors import InvalidRequest, Unavailable
 from .store import StoredPipeline
 
@@ -249,9 +250,12 @@ class ModelManager:
 
     def __init__(self, device: str, dtype: torch.dtype, *, budget_bytes: int | None = None,
                  max_loras_per_pipeline: int = 16,
-                 on_swap: Callable[[str, float], None] | None = None) -> None:
+                 on_swap: Callable[[str, float], None] | None = None,
+                 acceleration: Acceleration | None = None) -> None:
         self.device = device
         self.dtype = dtype
+        self.acceleration = acceleration or Acceleration()
+        """Compilation and CUDA graphs, applied to every UNet loaded."""
         self.budget_bytes = budget_bytes
         """GPU (or host) bytes all loaded weights may take; None: no limit."""
         self.max_loras_per_pipeline = max_loras_per_pipeline
@@ -449,12 +453,15 @@ class ModelManager:
         reused = {name: c.module() for name, c in shared.items()}
         fresh = [n for n in MODULES if n not in reused and (stored.path / n).is_dir()]
         unloaded = self._make_room(tag, self._estimate(stored.path, fresh), list(reused.values()))
-        pipe = StableDiffusionXLPipeline.from_pretrained(str(stored.path), dtype=self.dtype, **reused)
+        # The service watermarks images itself (``generation``, per the ``watermark`` setting): never the pipeline too.
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(stored.path), dtype=self.dtype, add_watermarker=False,
+                                                         **reused)
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         if self.dtype == torch.float16:
             # SDXL's VAE overflows in fp16 (black/NaN images): decode in float32.
             pipe.vae.register_to_config(force_upcast=True)
+        prepare_unet(pipe.unet, self.acceleration)
         loaded = LoadedPipeline(tag=tag, stored=stored, pipe=pipe, pinned=pinned, serial=next(self._serials),
                                 load_seconds=0.0, scheduler_config=pipe.scheduler.config,
                                 shared={n: c.tag for n, c in shared.items()}, last_used=next(self._clock))

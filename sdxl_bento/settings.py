@@ -7,10 +7,13 @@ so tests can build one with plain keyword arguments.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from .accel import Acceleration
 
 
 class Settings(BaseSettings):
@@ -75,6 +78,29 @@ class Settings(BaseSettings):
 
     max_loras: int = Field(default=4, ge=0, le=16)
     """Most LoRA adapters one request may name."""
+
+    # -- speed ---------------------------------------------------------------------------------
+    compile: Literal["auto", "off", "regional"] = "auto"
+    """Compile the UNets' repeated transformer blocks; ``auto``: on CUDA only."""
+
+    compile_cache_dir: Path = Field(default_factory=lambda: Path.home() / ".sdxl-bento" / "compile-cache")
+    """Inductor's and Triton's kernel cache, kept across restarts (sets ``TORCHINDUCTOR_CACHE_DIR``)."""
+
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"
+    """Replay each UNet step from a CUDA graph; ``auto``: on CUDA."""
+
+    max_cuda_graphs: int = Field(default=8, ge=1, le=64)
+    """Captured graphs kept per UNet (one per batch size and resolution), least recently used dropped."""
+
+    vae_decode: Literal["auto", "pipeline", "bfloat16"] = "auto"
+    """``bfloat16``: decode with a bfloat16 copy of the decoder (fast, no fp16 overflow); ``pipeline``:
+    as diffusers does (float32 on CUDA); ``auto``: bfloat16 on CUDA."""
+
+    warmup_size: str = Field(default="auto", pattern=r"^(auto|\d{3,4}x\d{3,4})$")
+    """Image size warmed up (compiled, captured) before ready, ``WIDTHxHEIGHT``; ``auto``: 1024x1024 on CUDA."""
+
+    deepcache_interval: int = Field(default=3, ge=2, le=10)
+    """``approximation=deepcache``: one full UNet step in this many; the others reuse its deep features."""
 
     shutdown_grace_s: float = Field(default=30.0, ge=0, le=3600)
     """On SIGTERM: how long running work may go on before what is left fails with reason ``shutdown``."""
@@ -148,6 +174,18 @@ class Settings(BaseSettings):
 
     audit_max_bytes: int = Field(default=50 * 2**20, ge=4096)
     """Size at which the audit file rotates (5 backups kept)."""
+
+    def acceleration(self, device: str) -> "Acceleration":
+        from .accel import Acceleration
+
+        return Acceleration.resolve(device, compile=self.compile, cuda_graphs=self.cuda_graphs,
+                                    vae_dtype=self.vae_decode, compile_cache=self.compile_cache_dir,
+                                    max_graphs=self.max_cuda_graphs)
+
+    def warmup(self, device: str) -> tuple[int, int]:
+        size = ("1024x1024" if device == "cuda" else "256x256") if self.warmup_size == "auto" else self.warmup_size
+        width, height = (int(v) // 8 * 8 for v in size.split("x"))
+        return width, height
 
     def audit_path(self) -> Path:
         return self.audit_log or self.state_dir / "audit.jsonl"

@@ -118,7 +118,7 @@ def build_pipelines(preset: Preset, refiner: bool = False, seed: int = 0, dtype:
     base = StableDiffusionXLPipeline(
         vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer,
         tokenizer_2=build_tokenizer(cfg["text_encoder_2"]["max_position_embeddings"]),
-        unet=unet, scheduler=scheduler,
+        unet=unet, scheduler=scheduler, add_watermarker=False,  # the service watermarks (generation.py)
     ).to(dtype=dtype)
     if not refiner:
         return base, None
@@ -128,6 +128,6 @@ def build_pipelines(preset: Preset, refiner: bool = False, seed: int = 0, dtype:
         vae=base.vae, text_encoder=None, text_encoder_2=base.text_encoder_2, tokenizer=None,
         tokenizer_2=base.tokenizer_2, unet=refiner_unet, scheduler=EulerDiscreteScheduler(**_clean(cfg["scheduler"])),
         requires_aesthetics_score=ref_cfg["requires_aesthetics_score"],
-        force_zeros_for_empty_prompt=ref_cfg["force_zeros_for_empty_prompt"],
+        force_zeros_for_empty_prompt=ref_cfg["force_zeros_for_empty_prompt"], add_watermarker=False,
     )
     return base, refiner_pipe
