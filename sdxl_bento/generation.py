@@ -127,7 +127,8 @@ class Generation:
             kind = "inpaint" if isinstance(req, InpaintRequest) else "img2img"
             key = BatchKey(kind=kind, width=width, height=height, steps=req.steps, guidance_scale=req.guidance_scale,
                            scheduler=req.scheduler.value, strength=req.strength,
-                           has_negative=bool(req.negative_prompt), **self._style(req))
+                           has_negative=bool(req.negative_prompt), approximation=req.approximation.value,
+                           **self._style(req))
             seeds = req.seeds(req.num_images)
             masks = None
             if isinstance(req, InpaintRequest):
@@ -142,7 +143,7 @@ class Generation:
             image = self.images.load(str(req.image_id))
             key = BatchKey(kind="refine", width=image.width, height=image.height, steps=req.steps,
                            guidance_scale=req.guidance_scale, scheduler=req.scheduler.value, strength=req.strength,
-                           has_negative=bool(req.negative_prompt))
+                           has_negative=bool(req.negative_prompt), approximation=req.approximation.value)
             return Work(key=key, prompt=req.prompt, negative_prompt=req.negative_prompt, seeds=req.seeds(1),
                         init_images=[image])
         if req.refine != RefineMode.none and self.models.refiner_tag is None:
@@ -152,7 +153,8 @@ class Generation:
                        guidance_scale=req.guidance_scale, scheduler=req.scheduler.value, refine=req.refine.value,
                        high_noise_frac=req.high_noise_frac if req.refine == RefineMode.ensemble else 0.8,
                        strength=req.refiner_strength if req.refine == RefineMode.img2img else 0.3,
-                       has_negative=bool(req.negative_prompt), **self._style(req))
+                       has_negative=bool(req.negative_prompt), approximation=req.approximation.value,
+                       **self._style(req))
         return Work(key=key, prompt=req.prompt, negative_prompt=req.negative_prompt, seeds=req.seeds(req.num_images))
 
     def check(self, req: Request, ctx: RequestContext) -> None:
@@ -302,6 +304,8 @@ class Generation:
             params.update({"Refiner": self.models.refiner_tag, "Refine mode": key.refine})
             params["Refiner switch at" if key.refine == "ensemble" else "Refiner strength"] = (
                 key.high_noise_frac if key.refine == "ensemble" else key.strength)
+        if key.approximation != "none":
+            params["Approximation"] = key.approximation
         if self.models.synthetic:
             params["Synthetic"] = "true"
         return params

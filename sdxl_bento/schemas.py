@@ -34,6 +34,13 @@ class RefineMode(str, Enum):
     """The refiner passes over the base's finished latents with ``refiner_strength``."""
 
 
+class Approximation(str, Enum):
+    none = "none"
+    """The exact computation (the default)."""
+    deepcache = "deepcache"
+    """Approximate: the UNet's deep features are reused between steps. Faster, and changes the image."""
+
+
 class OutputFormat(str, Enum):
     png = "png"
     jpeg = "jpeg"
@@ -70,6 +77,10 @@ class _Request(BaseModel):
     return_base64: Annotated[bool, Field(description="Also return each image as base64 in JSON answers.")] = False
     safety_check: Annotated[bool, Field(description="Check each image for NSFW content (turning it off needs a "
                                                     "tier that allows it).")] = True
+    approximation: Annotated[Approximation, Field(description="`deepcache`: APPROXIMATE, faster; reuses deep UNet "
+                                                             "features between steps, so the image changes. "
+                                                             "`none` (default): the exact computation.")] = (
+        Approximation.none)
 
     @model_validator(mode="after")
     def _check_prompts(self) -> "_Request":

@@ -54,6 +54,21 @@ def test_txt2img_returns_the_image_with_seed_and_parameters(http):
     assert again.content == r.content  # same seed, same bytes
 
 
+def test_approximate_mode_is_opt_in_labelled_and_cached_apart(http):
+    """deepcache changes the image: it is recorded in the image's parameters, and never served from (or into)
+    the exact request's cache entry."""
+    body = {"prompt": "a lighthouse at dusk", "seed": 77, **SMALL, "steps": 6}
+    exact = http.post("/txt2img", json=body)
+    fast = http.post("/txt2img", json={**body, "approximation": "deepcache"})
+    assert exact.status_code == fast.status_code == 200, fast.text
+    assert fast.content != exact.content
+    assert "Approximation: deepcache" in read_parameters(fast.content)
+    assert "Approximation" not in read_parameters(exact.content)
+    assert http.post("/txt2img", json={**body, "approximation": "deepcache"}).content == fast.content
+    bad = http.post("/txt2img", json={**body, "approximation": "fast"})
+    assert bad.status_code == 400 and "approximation" in bad.text
+
+
 @pytest.mark.parametrize("fmt, media_type", [("jpeg", "image/jpeg"), ("webp", "image/webp")])
 def test_other_formats(http, fmt, media_type):
     r = http.post("/txt2img", json={"prompt": "a boat", "seed": 5, "output_format": fmt, "quality": 80, **SMALL})
