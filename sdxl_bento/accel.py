@@ -193,6 +193,7 @@ class UNetGraphs:
         with torch.cuda.stream(side):
             output = self._run(static, kwargs).clone()
         torch.cuda.current_stream().wait_stream(side)
+        output.record_stream(torch.cuda.current_stream())  # made on the side stream, read on this one
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             static_out = self._run(static, kwargs)
