@@ -2,9 +2,10 @@
 # The GPU measurement in one device call (10 minutes at most), from the repository root on the device machine:
 #   here, once:  echo /.whl/ >> .git/info/exclude
 #                ../shared/tools/gpu-wheels 'bentoml==1.4.39' 'diffusers==0.42.1' 'pydantic-settings' 'pynvml'
-#   device run:  bash bench/gpu.sh [tests|bench|ready|all]   (carry .whl; results under $OUT)
+#   device run:  bash bench/gpu.sh [tests|bench|ready|qkv|all]   (carry .whl; results under $OUT)
 # tests: the CUDA-only unit tests (CUDA graphs replay the same function); bench: bench/engine.py at SDXL's size
-# (1024x1024, 30 steps, base + refiner); ready: process start to ready, cold and with a warm compile cache.
+# (1024x1024, 30 steps, base + refiner); ready: process start to ready, cold and with a warm compile cache;
+# qkv: the same bench with fused QKV projections and channels_last, to keep them only if they help.
 set -euo pipefail
 part=${1:-all}
 out=${OUT:-/tmp/out}; mkdir -p "$out"
@@ -24,4 +25,7 @@ if [ "$part" = bench ] || [ "$part" = all ]; then
 fi
 if [ "$part" = ready ]; then
   python3 bench/engine.py "${common[@]}" --repeats 1 --batches 1 --deepcache 0 --ready --out "$out/ready.json" 2>&1 | tee "$out/ready.log"
+fi
+if [ "$part" = qkv ]; then
+  python3 bench/engine.py "${common[@]}" --deepcache 0 --fuse-qkv --channels-last --out "$out/qkv.json" 2>&1 | tee "$out/qkv.log"
 fi
