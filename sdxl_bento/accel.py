@@ -274,3 +274,12 @@ def prepare_unet(unet: torch.nn.Module, acceleration: Acceleration) -> None:
                     os.environ.get("TORCHINDUCTOR_CACHE_DIR", "Inductor's default"))
     if acceleration.cuda_graphs:
         UNetGraphs.install(unet, acceleration.max_graphs)
+
+
+def unaccelerate(unet: torch.nn.Module) -> None:
+    """Undo ``prepare_unet``: compiled blocks run eagerly again and CUDA graphs are dropped."""
+    if graphs_of(unet) is not None:
+        del unet.forward
+    for module in unet.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None  # what nn.Module.compile() set

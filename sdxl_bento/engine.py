@@ -356,14 +356,34 @@ class Engine:
         """Generations at the size most requests use, so the first request pays neither for kernel selection nor
         for compilation nor for CUDA-graph capture (a graph is captured on a signature's second call: 3 steps).
         With compilation, batches of one and two images: Dynamo compiles for the first shape, then once more
-        with dynamic shapes, which serve every later batch size."""
+        with dynamic shapes, which serve every later batch size.
+
+        If compiling or capturing fails (no C compiler for Triton, a driver refusing capture), the service
+        must still come up: the speed-ups are dropped, logged as an error, and the warm-up runs again eagerly.
+        """
         started = time.perf_counter()
+        try:
+            self._warm(width, height)
+        except Exception as exc:
+            if self.acceleration == Acceleration(vae_dtype=self.acceleration.vae_dtype):
+                raise
+            logger.error("warm-up with %s failed (%s: %s); serving without compilation and CUDA graphs",
+                         self.acceleration.describe(), type(exc).__name__, exc)
+            self.acceleration = Acceleration(vae_dtype=self.acceleration.vae_dtype)
+            self.manager.acceleration = self.acceleration
+            for tag in self.manager.loaded():
+                accel.unaccelerate(self.manager.get(tag).pipe.unet)
+            if self._refiner is not None:
+                accel.unaccelerate(self._refiner.unet)
+            self._warm(width, height)
+        return time.perf_counter() - started
+
+    def _warm(self, width: int, height: int) -> None:
         accelerated = self.acceleration.cuda_graphs or self.acceleration.compile != "off"
         steps = 3 if accelerated else 2
         key = BatchKey(kind="txt2img", width=width, height=height, steps=steps, guidance_scale=5.0, scheduler="euler")
         for seeds in ([0], [0, 1]) if self.acceleration.compile != "off" else ([0],):
             self.generate([Work(key=key, prompt="warm-up", negative_prompt="", seeds=seeds)])
-        if self._refiner is not None and steps > 2:
+        if self._refiner is not None and accelerated:
             ensemble = BatchKey(**{**key.__dict__, "steps": 2 * steps, "refine": "ensemble", "high_noise_frac": 0.5})
             self.generate([Work(key=ensemble, prompt="warm-up", negative_prompt="", seeds=[0])])
-        return time.perf_counter() - started

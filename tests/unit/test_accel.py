@@ -126,6 +126,35 @@ def test_regional_compilation_is_the_same_function_and_its_cache_survives_a_rest
     assert any((tmp_path / "cache").iterdir())
 
 
+_BROKEN_COMPILER_RUN = r"""
+import logging, sys, torch
+logging.basicConfig(level=logging.ERROR)
+from sdxl_bento import store
+from sdxl_bento.accel import Acceleration
+from sdxl_bento.engine import BatchKey, Engine, Work
+engine = Engine(store.resolve("sdxl-base:latest", "base"), device="cpu",
+                acceleration=Acceleration(compile="regional", compile_cache=sys.argv[1]))
+engine.warmup()
+unet = engine.models.base.unet
+assert engine.acceleration.compile == "off" and engine.manager.acceleration.compile == "off"
+assert not any(getattr(m, "_compiled_call_impl", None) for m in unet.modules())
+key = BatchKey(kind="txt2img", width=256, height=256, steps=2, guidance_scale=5.0, scheduler="euler")
+(image,), = engine.generate([Work(key, "a cat", "", [1])])
+print("served", image.size)
+"""
+
+
+def test_a_failing_compiler_leaves_the_engine_serving_eagerly(bentoml_home, tmp_path):
+    """No working C++ compiler (CXX=/bin/false, empty compile cache): warm-up logs the failure, drops the
+    speed-ups and serves."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TORCHINDUCTOR")}, "CXX": "/bin/false"}
+    done = subprocess.run([sys.executable, "-c", _BROKEN_COMPILER_RUN, str(tmp_path / "cache")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "served (256, 256)" in done.stdout
+    assert "serving without compilation and CUDA graphs" in done.stderr
+
+
 def test_graph_inputs_take_only_the_plain_cuda_call(pipes):
     base, _ = pipes
     sample = torch.zeros(2, 4, 32, 32)
