@@ -67,6 +67,7 @@ function readParams() {
     width, height,
     steps: Number($("steps").value),
     refine: $("refine").value,
+    approximation: $("approximation").value,
   };
   const seed = $("seed").value.trim();
   if (seed !== "") params.seed = Number(seed);
@@ -153,7 +154,7 @@ async function finish(task, status) {
   const entry = {
     url: imageUrl(image.url), id: image.id, seed: image.seed, width: image.width, height: image.height,
     prompt: task.params.prompt, negative_prompt: task.params.negative_prompt, steps: task.params.steps,
-    refine: task.params.refine, model: result.model, synthetic: !!result.synthetic, created: Date.now(),
+    refine: task.params.refine, approximation: task.params.approximation, model: result.model, synthetic: !!result.synthetic, created: Date.now(),
   };
   showResult(entry);
   remember(entry);
@@ -164,7 +165,8 @@ async function finish(task, status) {
 
 function describe(entry) {
   return `${entry.width}×${entry.height} · ${entry.steps} steps · seed ${entry.seed}` +
-         (entry.refine && entry.refine !== "none" ? ` · refiner ${entry.refine}` : "");
+         (entry.refine && entry.refine !== "none" ? ` · refiner ${entry.refine}` : "") +
+         (entry.approximation && entry.approximation !== "none" ? ` · approximate (${entry.approximation})` : "");
 }
 
 function showResult(entry) {
@@ -258,6 +260,7 @@ function reuseSettings(entry) {
   if ([...$("size").options].some((o) => o.value === size)) $("size").value = size;
   $("steps").value = entry.steps;
   $("refine").value = entry.refine || "none";
+  $("approximation").value = entry.approximation || "none";
   reuseSeed(entry.seed);
 }
 

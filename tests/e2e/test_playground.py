@@ -60,6 +60,7 @@ def test_generate_shows_the_image_and_remembers_it(server, page):
     page.fill("#negative-prompt", "fog")
     page.select_option("#size", "256x256")
     page.fill("#steps", "4")
+    page.select_option("#approximation", "deepcache")
     page.click("#generate")
 
     page.wait_for_function("document.getElementById('result-image').naturalWidth === 256", timeout=120_000)
@@ -70,11 +71,12 @@ def test_generate_shows_the_image_and_remembers_it(server, page):
     assert submits[0].headers["authorization"] == "Bearer sk-sdxl-test"
     body = submits[0].post_data_json
     assert body == {"prompt": "a lighthouse at dusk", "negative_prompt": "fog", "width": 256, "height": 256,
-                    "steps": 4, "refine": "none"}
+                    "steps": 4, "refine": "none", "approximation": "deepcache"}
 
     items = page.locator("#gallery-list .gallery-item")
     assert items.count() == 1 and items.first.get_attribute("data-seed") == seed
     assert "a lighthouse at dusk" in items.first.inner_text() and f"seed {seed}" in items.first.inner_text()
+    assert "approximate (deepcache)" in items.first.inner_text()
     href = page.get_attribute("#download", "href")
     image = httpx.get(href, timeout=30)
     assert image.status_code == 200 and image.headers["content-type"] == "image/png"
