@@ -365,8 +365,8 @@ class Engine:
         try:
             self._warm(width, height)
         except Exception as exc:
-            if self.acceleration == Acceleration(vae_dtype=self.acceleration.vae_dtype):
-                raise
+            if self.acceleration.compile == "off" and not self.acceleration.cuda_graphs:
+                raise  # nothing to drop: a real failure
             logger.error("warm-up with %s failed (%s: %s); serving without compilation and CUDA graphs",
                          self.acceleration.describe(), type(exc).__name__, exc)
             self.acceleration = Acceleration(vae_dtype=self.acceleration.vae_dtype)

@@ -302,8 +302,9 @@ def test_cli_generate_server_errors_are_sentences(server, tmp_path):
 
 
 def test_cli_ctrl_c_cancels_the_task(server, http, tmp_path):
+    # 1024x1024 and 100 steps: long enough that a busy machine's slow progress polls still see it running
     proc = subprocess.Popen([sys.executable, "-m", "sdxl_bento.cli", "generate", "a slow one", "-o",
-                             str(tmp_path / "slow.png"), "--server", server.url, "--size", "512x512", "--steps", "100"],
+                             str(tmp_path / "slow.png"), "--server", server.url, "--size", "1024x1024", "--steps", "100"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: http.get("/sdapi/v1/progress").json()["state"]["sampling_step"] >= 1)
