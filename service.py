@@ -172,6 +172,7 @@ class SDXL:
         self.engine.manager.on_swap = lambda tag, seconds: metrics().model_swap_seconds.observe(seconds)
         live.engine = self.engine
         logger.info("warm-up took %.2f s", self.engine.warmup(*settings.warmup(device)))
+        metrics().acceleration.labels(**self.engine.acceleration.labels()).set(1)
         # After warm-up the free GPU memory is what batches may use; without CUDA there is no budget.
         budget = VramBudget.measure(SDXL_FP16, headroom=settings.vram_headroom,
                                     device=torch.cuda.current_device()) if self.engine.device == "cuda" else None

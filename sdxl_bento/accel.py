@@ -57,9 +57,12 @@ class Acceleration:
                    cuda_graphs=cuda_graphs == "on" or (cuda_graphs == "auto" and cuda),
                    vae_dtype=vae, compile_cache=compile_cache, max_graphs=max_graphs)
 
+    def labels(self) -> dict[str, str]:
+        return {"compile": self.compile, "cuda_graphs": "on" if self.cuda_graphs else "off",
+                "vae_decode": str(self.vae_dtype).removeprefix("torch.") if self.vae_dtype else "pipeline"}
+
     def describe(self) -> str:
-        return (f"compile={self.compile}, cuda_graphs={'on' if self.cuda_graphs else 'off'}, "
-                f"vae_decode={str(self.vae_dtype).removeprefix('torch.') if self.vae_dtype else 'pipeline'}")
+        return ", ".join(f"{name}={value}" for name, value in self.labels().items())
 
 
 def use_compile_cache(folder: Path | str) -> Path:

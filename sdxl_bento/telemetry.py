@@ -40,6 +40,9 @@ class Metrics:
         self.rejected = Counter("sdxl_rejected", "Requests refused by the gateway, by reason.", ["reason"])
         self.model_swap_seconds = Histogram("sdxl_model_swap_seconds", "Seconds to load a checkpoint on demand.",
                                             buckets=(0.5, 1, 2, 5, 10, 20, 40, 80))
+        self.acceleration = Gauge("sdxl_acceleration", "1 for the speed-ups this worker runs with (after warm-up: "
+                                  "a failed compile or capture turns them off).",
+                                  ["compile", "cuda_graphs", "vae_decode"], multiprocess_mode="max")
         self.content_filtered = Counter("sdxl_images_content_filtered", "Images withheld or blurred by the NSFW check.")
 
     def observe_batch(self, images: int, steps: int, seconds: float) -> None:

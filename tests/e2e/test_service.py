@@ -35,6 +35,7 @@ def decode(data: bytes) -> Image.Image:
 def test_health_metrics_and_openapi(http):
     for path in ("/healthz", "/livez", "/readyz", "/metrics", "/docs.json"):
         assert http.get(path).status_code == 200, path
+    assert 'sdxl_acceleration{compile="off",cuda_graphs="off",vae_decode="pipeline"} 1.0' in http.get("/metrics").text
     paths = http.get("/docs.json").json()["paths"]
     for route in ("/txt2img", "/generate", "/generate_batch", "/refine", "/jobs/submit", "/jobs/status"):
         assert route in paths
