@@ -23,7 +23,7 @@ import copy
 import logging
 import os
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
@@ -134,12 +134,11 @@ class UNetGraphs:
     """The UNet's forward, replayed from CUDA graphs: one per input signature, at most ``max_graphs`` (LRU).
 
     Installed as ``unet.forward``; the first call of a signature runs eagerly (it may compile), the second
-    captures, later ones replay. ``paused()`` runs eagerly (LoRA scales and step caching change the
-    computation, which a graph would not see).
+    captures, later ones replay. Inside ``paused()`` (see ``eager``) every call runs eagerly: LoRA scales and
+    step caching change the computation, which a graph would not see.
     """
 
     def __init__(self, unet: torch.nn.Module, max_graphs: int = 8) -> None:
-        self.unet = unet
         self.eager = unet.forward
         self.max_graphs = max_graphs
         self.graphs: "OrderedDict[tuple, _Captured]" = OrderedDict()
@@ -173,8 +172,7 @@ class UNetGraphs:
             self.seen[key] = self.seen.get(key, 0) + 1
             if self.seen[key] < 2:
                 return self.eager(*args, **kwargs)
-            captured, output = self._capture(tensors, kwargs)
-            return self._wrap(output, kwargs)
+            return self._wrap(self._capture(key, tensors), kwargs)
         self.graphs.move_to_end(key)
         for name, value in tensors.items():
             captured.static[name].copy_(value)
@@ -182,33 +180,32 @@ class UNetGraphs:
         self.replays += 1
         return self._wrap(captured.output.clone(), kwargs)
 
-    def _run(self, static: dict[str, torch.Tensor], kwargs: dict[str, Any]) -> torch.Tensor:
+    def _run(self, static: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.eager(static["sample"], static["timestep"], encoder_hidden_states=static["encoder_hidden_states"],
                           added_cond_kwargs={"text_embeds": static["text_embeds"], "time_ids": static["time_ids"]},
                           return_dict=False)[0]
 
-    def _capture(self, tensors: dict[str, torch.Tensor], kwargs: dict[str, Any]) -> tuple[_Captured, torch.Tensor]:
+    def _capture(self, key: tuple, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Capture a graph for ``key``; returns this call's output."""
         static = {name: t.clone() for name, t in tensors.items()}
         # Lazy initialisation (cuBLAS workspaces, autotuning) must happen outside the capture, on a side stream;
         # that run's output is this call's answer.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            output = self._run(static, kwargs).clone()
+            output = self._run(static).clone()
         torch.cuda.current_stream().wait_stream(side)
         output.record_stream(torch.cuda.current_stream())  # made on the side stream, read on this one
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            static_out = self._run(static, kwargs)
+            static_out = self._run(static)
         self.pool = graph.pool()
-        captured = _Captured(static, graph, static_out)
-        key = signature(tensors)
-        self.graphs[key] = captured
+        self.graphs[key] = _Captured(static, graph, static_out)
         self.captures += 1
         while len(self.graphs) > self.max_graphs:
             self.graphs.popitem(last=False)
         logger.info("captured a CUDA graph of the UNet for %s", {n: tuple(t.shape) for n, t in tensors.items()})
-        return captured, output
+        return output
 
     @staticmethod
     def _wrap(output: torch.Tensor, kwargs: dict[str, Any]) -> Any:
@@ -227,14 +224,12 @@ def graphs_of(unet: torch.nn.Module) -> Optional[UNetGraphs]:
 @contextmanager
 def eager(*unets: Any) -> Iterator[None]:
     """Run these UNets without CUDA graphs inside the block (a no-op for UNets without graphs)."""
-    graphs = [g for g in (graphs_of(u) for u in unets if u is not None) if g is not None]
-    for g in graphs:
-        g._paused += 1
-    try:
+    with ExitStack() as stack:
+        for unet in unets:
+            graphs = graphs_of(unet) if unet is not None else None
+            if graphs is not None:
+                stack.enter_context(graphs.paused())
         yield
-    finally:
-        for g in graphs:
-            g._paused -= 1
 
 
 # -- VAE decode -------------------------------------------------------------------------------------------------

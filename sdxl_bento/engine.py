@@ -297,7 +297,7 @@ class Engine:
             if decoder is not None:
                 kwargs["output_type"] = "latent"
             with ExitStack() as stack:
-                if key.loras or key.approximation != "none":
+                if (key.loras and pipe is not refiner) or key.approximation != "none":
                     stack.enter_context(accel.eager(pipe.unet))  # a graph would not see the LoRA or the cache
                 if key.approximation == "deepcache":
                     stack.enter_context(deep_cache(pipe.unet, self.deepcache_interval))
