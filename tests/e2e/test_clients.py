@@ -302,10 +302,12 @@ def test_cli_generate_server_errors_are_sentences(server, tmp_path):
 
 
 def test_cli_ctrl_c_cancels_the_task(server, http, tmp_path):
-    # 1024x1024 and 100 steps: long enough that a busy machine's slow progress polls still see it running
+    # The CLI starts with SIGINT at its default, as in a terminal: a test run launched in the background
+    # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
     proc = subprocess.Popen([sys.executable, "-m", "sdxl_bento.cli", "generate", "a slow one", "-o",
-                             str(tmp_path / "slow.png"), "--server", server.url, "--size", "1024x1024", "--steps", "100"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             str(tmp_path / "slow.png"), "--server", server.url, "--size", "512x512", "--steps", "100"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_until(lambda: http.get("/sdapi/v1/progress").json()["state"]["sampling_step"] >= 1)
         proc.send_signal(signal.SIGINT)
