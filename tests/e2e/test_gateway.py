@@ -14,6 +14,7 @@ import sys
 import time
 
 import httpx
+import psutil
 import pytest
 import yaml
 
@@ -282,7 +283,12 @@ def test_tasks_left_unfinished_by_a_crash_are_failed_with_reason_restart(bentoml
                                                                 "height": 1024, "steps": 100}).json()["task_id"]
         time.sleep(1)
     finally:
-        os.killpg(first.proc.pid, 9)  # a crash: no graceful shutdown
+        # a crash: no graceful shutdown, for the server and its workers (which run in sessions of their own)
+        workers = psutil.Process(first.proc.pid).children(recursive=True)
+        os.killpg(first.proc.pid, 9)
+        for worker in workers:
+            worker.kill()
+        psutil.wait_procs(workers, timeout=30)
         first.proc.wait()
         first._log_file.close()
     second = Server(env, root / "second.log")
