@@ -232,13 +232,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _driver() -> str | None:
-    try:
-        import pynvml
+    from sdxl_bento.gpu import NvmlSource
 
-        pynvml.nvmlInit()
-        return str(pynvml.nvmlSystemGetDriverVersion())
-    except Exception:  # telemetry only: the benchmark does not need it
-        return None
+    nvml = NvmlSource.open()
+    return nvml.driver_version() if nvml else None
 
 
 if __name__ == "__main__":

@@ -77,6 +77,9 @@ class NvmlSource:
             return None
         return cls(pynvml)
 
+    def driver_version(self) -> str:
+        return str(self._nvml.nvmlSystemGetDriverVersion())
+
     def close(self) -> None:
         try:
             self._nvml.nvmlShutdown()
