@@ -127,11 +127,21 @@ def request_context(ctx: bentoml.Context) -> RequestContext:
     return found
 
 
+# The OCI image installs exactly the lock that bentofile.yaml names (requirements/cuda.txt): uv is told to add
+# no dependency of its own (it checks the lock's hashes by default; BentoML appends an unhashed
+# `bentoml==<version>`, so `require-hashes` cannot be set). bentofile.yaml can run nothing before BentoML's
+# `uv pip install`; an Image command can. The installer is pinned too (BentoML would `pip install uv`).
+IMAGE = bentoml.images.Image(python_version="3.11", lock_python_packages=False).run(
+    "command -v uv >/dev/null || pip install uv==0.13.9").run(
+    "mkdir -p /etc/uv && printf '[pip]\\nno-deps = true\\n' >/etc/uv/uv.toml")
+
+
 @bentoml.asgi_app(images_app, path="/images")
 @bentoml.asgi_app(ui_app, path="/ui")
 @bentoml.asgi_app(a1111_api, path="/sdapi/v1")
 @bentoml.asgi_app(models_app, path="/models")
 @bentoml.service(
+    image=IMAGE,
     name="sdxl",
     description="Stable Diffusion XL 1.0 text-to-image, with refiner, batching and async tasks.",
     traffic=settings.traffic(),

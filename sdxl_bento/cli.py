@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import cli_generate, store
+from . import buildinfo, cli_generate, store
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -61,7 +61,9 @@ def _keys_add(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="sdxl-bento", description="SDXL on BentoML: model store tools.")
+    top = argparse.ArgumentParser(prog="sdxl-bento", description="SDXL on BentoML: model store tools.",
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # --version on one line
+    top.add_argument("--version", action="version", version=buildinfo.describe())
     groups = top.add_subparsers(dest="group", required=True)
     models = groups.add_parser("models", help="manage SDXL pipelines in the Bento model store")
     cmds = models.add_subparsers(dest="command", required=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from .buildinfo import build_info
+
 
 @functools.cache
 def metrics() -> "Metrics":
@@ -44,6 +46,10 @@ class Metrics:
                                   "a failed compile or capture turns them off).",
                                   ["compile", "cuda_graphs", "vae_decode"], multiprocess_mode="max")
         self.content_filtered = Counter("sdxl_images_content_filtered", "Images withheld or blurred by the NSFW check.")
+        info = build_info()
+        self.build_info = Gauge("sdxl_build_info", "1, labelled with the versions this worker runs with.",
+                                list(info), multiprocess_mode="max")
+        self.build_info.labels(**info).set(1)
 
     def observe_batch(self, images: int, steps: int, seconds: float) -> None:
         self.batch_size.observe(images)

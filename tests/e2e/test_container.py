@@ -37,7 +37,8 @@ from .conftest import wait_ready
 REPO = Path(__file__).resolve().parents[2]
 DRIVER = os.environ.get("SDXL_BENTO_STORAGE_DRIVER", "vfs")
 BUILDAH = shutil.which("buildah")
-SOURCES = ("bentofile.yaml", "pyproject.toml", "service.py", "README.md", "scripts/containerize", "scripts/base-image")
+SOURCES = ("bentofile.yaml", "pyproject.toml", "service.py", "README.md", "scripts/containerize", "scripts/base-image",
+           "requirements/cpu.txt")
 
 pytestmark = [
     pytest.mark.slow,
@@ -208,6 +209,21 @@ def _txt2img(url: str, data: Path) -> httpx.Response:
     stored = list((data / "images").glob(f"{res.headers['x-image-id']}.*"))
     assert len(stored) == 1  # written through the mounted image folder
     return res
+
+
+def test_image_runs_exactly_the_cpu_lock(container):
+    """The image's environment is requirements/cpu.txt: every locked package at its version, nothing else."""
+    import re
+
+    script = ("import importlib.metadata as m, json; "
+              "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))")
+    done = buildah("run", "--isolation", "chroot", container, "--", "/app/.venv/bin/python", "-c", script, timeout=300)
+    assert done.returncode == 0, done.stderr
+    canon = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+    installed = {canon(n): v for n, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+    lock = (REPO / "requirements" / "cpu.txt").read_text()
+    locked = {canon(n): v for n, v in re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", lock, flags=re.M)}
+    assert installed == locked
 
 
 def test_image_serves_its_baked_bento(container, data_dirs, tmp_path):

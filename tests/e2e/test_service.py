@@ -35,7 +35,15 @@ def decode(data: bytes) -> Image.Image:
 def test_health_metrics_and_openapi(http):
     for path in ("/healthz", "/livez", "/readyz", "/metrics", "/docs.json"):
         assert http.get(path).status_code == 200, path
-    assert 'sdxl_acceleration{compile="off",cuda_graphs="off",vae_decode="pipeline"} 1.0' in http.get("/metrics").text
+    metrics_text = http.get("/metrics").text
+    assert 'sdxl_acceleration{compile="off",cuda_graphs="off",vae_decode="pipeline"} 1.0' in metrics_text
+    import importlib.metadata
+
+    versions = {lib: importlib.metadata.version(lib) for lib in ("torch", "diffusers", "transformers", "bentoml")}
+    build_info = next(line for line in metrics_text.splitlines() if line.startswith("sdxl_build_info{"))
+    assert build_info.endswith(" 1.0") and 'cuda="cpu"' in build_info and 'version="0.1.0"' in build_info
+    for lib, version in versions.items():
+        assert f'{lib}="{version}"' in build_info
     paths = http.get("/docs.json").json()["paths"]
     for route in ("/txt2img", "/generate", "/generate_batch", "/refine", "/jobs/submit", "/jobs/status"):
         assert route in paths
