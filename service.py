@@ -22,26 +22,29 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.staticfiles import StaticFiles
 
-from sdxl_bento import a1111, openai_compat, schemas, store
+from sdxl_bento import a1111, openai_compat, routes, schemas, store
 from sdxl_bento.audit import AuditLog
-from sdxl_bento.auth import KeyStore
+from sdxl_bento.auth import OPEN_PRINCIPAL, KeyFile, Principal
 from sdxl_bento.cache import make_cache
-from sdxl_bento.compat import check_tier, given
-from sdxl_bento.errors import Cancelled, InvalidRequest, ModelMissing, ServiceError, to_response
-from sdxl_bento.gateway import ActiveJobs, Gateway
+from sdxl_bento.compat import given
+from sdxl_bento.errors import Cancelled, InvalidRequest, ModelMissing, NotFound, ServiceError, Unauthorized, to_response
+from sdxl_bento.gateway import DEADLINE_HEADER, Gateway
 from sdxl_bento.generation import Generation, ModelInfo, RequestContext
 from sdxl_bento.gpu import NvmlSource, StaticSource, Throttle, ThrottleState
-from sdxl_bento.images import ImageStore
+from sdxl_bento.images import ImageStore, parse_id
 from sdxl_bento.journal import TaskJournal
-from sdxl_bento.ratelimit import RateLimiter
+from sdxl_bento.policy import may_use
+from sdxl_bento.ratelimit import JobSlots, RateLimiter
+from sdxl_bento.retention import RetentionSweeper
 from sdxl_bento.replicas import TaskDirectory
 from sdxl_bento.safety import ContentFiltered, ImageGuard, PromptPolicy, Watermarker, load_checker
 from sdxl_bento.models import find_lora, list_loras
-from sdxl_bento.schemas import GenerateRequest, GenerateResponse, Img2ImgRequest, InpaintRequest, RefineRequest
+from sdxl_bento.schemas import BatchRequest, GenerateRequest, GenerateResponse, Img2ImgRequest, InpaintRequest, RefineRequest
 from sdxl_bento.settings import Settings, tags
 from sdxl_bento.shutdown import Drain
+from sdxl_bento.signing import Signer
 from sdxl_bento.tasks import TaskCancelled, TaskControl, TaskRegistry
-from sdxl_bento.telemetry import metrics, start_gpu_telemetry
+from sdxl_bento.telemetry import bound_request_metric_labels, metrics, start_gpu_telemetry
 from sdxl_bento.vram import SDXL_FP16, VramBudget
 
 logger = logging.getLogger("sdxl_bento.service")
@@ -58,27 +61,40 @@ _with_checker = settings.safety == "on" or (settings.safety == "auto" and store.
 if settings.keys_file is None and settings.auth == "required":
     raise SystemExit("cannot start: SDXL_BENTO_AUTH=required but no SDXL_BENTO_KEYS_FILE is set "
                      "(create one with: sdxl-bento keys add NAME --tier standard --file keys.yaml)")
-keys = KeyStore.load(settings.keys_file) if settings.keys_file else None
+if settings.keys_file is not None and settings.replica_url and settings.internal_secret is None:
+    raise SystemExit("cannot start: with keys and SDXL_BENTO_REPLICA_URL, the replicas need a shared "
+                     "SDXL_BENTO_INTERNAL_SECRET (it signs requests forwarded between them and image links)")
+keys = KeyFile(settings.keys_file) if settings.keys_file else None
+signer = Signer.load(settings.internal_secret.get_secret_value() if settings.internal_secret else None,
+                     settings.state_dir)
 
 image_store = ImageStore(settings.image_dir)
 journal = TaskJournal(settings.state_dir / "tasks.db")
 task_registry = TaskRegistry(journal)
-active_jobs = ActiveJobs()
 drain = Drain(settings.shutdown_grace_s)
-TASK_ROUTES = ("/jobs", "/img2img_jobs", "/inpaint_jobs")
-GENERATION_ROUTES = ("/txt2img", "/generate", "/generate_batch", "/refine", "/img2img", "/inpaint",
-                     *(f"{route}{action}" for route in TASK_ROUTES for action in ("", "/submit", "/retry")),
-                     "/v1/images/generations", "/sdapi/v1/txt2img")
+TASK_MODELS = {"/jobs": GenerateRequest, "/img2img_jobs": Img2ImgRequest, "/inpaint_jobs": InpaintRequest}
+ROUTES = routes.table(TASK_MODELS, {"/txt2img": GenerateRequest, "/generate": GenerateRequest,
+                                    "/refine": RefineRequest, "/img2img": Img2ImgRequest, "/inpaint": InpaintRequest})
+bound_request_metric_labels(ROUTES.template)
 live = SimpleNamespace(engine=None)
 """What the mounted ASGI apps need from the service instance, once it exists."""
 
 
 async def _get_image(request: Request) -> Response:
+    """An image, for its owner's key, an operator's, or a signed link that has not expired (``signing``)."""
     try:
-        path, media_type = image_store.find(request.path_params["image_id"])
+        image_id = parse_id(request.path_params["image_id"])
+        info = image_store.info(image_id)
+        principal = request.scope.get("state", {}).get("principal")
+        allowed = keys is None or signer.image_link_valid(
+            image_id, request.query_params.get("exp"), request.query_params.get("sig")) or (
+            principal is not None and may_use(principal, info.owner))
+        if not allowed:
+            raise NotFound(f"no image with id {image_id}")
     except ServiceError as exc:
         return to_response(exc)
-    return FileResponse(path, media_type=media_type, headers={"Cache-Control": "public, max-age=31536000, immutable"})
+    return FileResponse(info.path, media_type=info.media_type,
+                        headers={"Cache-Control": "private, max-age=86400, immutable"})
 
 
 a1111_owners = a1111.JobOwners()
@@ -117,14 +133,35 @@ def answers_errors(func):
 
 
 def request_context(ctx: bentoml.Context) -> RequestContext:
-    """What the gateway learned about this request (caller, deadline), and where to note the outcome."""
+    """What the gateway learned about this request (caller, deadline), and where to note the outcome.
+    A request that did not pass the gateway (none should) runs as nobody: with keys, it is refused."""
     state = ctx.request.state
     if not hasattr(state, "audit"):
         state.audit = {}
-    found = RequestContext(deadline_s=getattr(state, "deadline_s", None), audit=state.audit)
-    if getattr(state, "principal", None) is not None:
-        found.principal = state.principal
+    principal = getattr(state, "principal", None)
+    if principal is None:
+        if keys is not None:
+            raise Unauthorized("this request did not pass the gateway")
+        principal = OPEN_PRINCIPAL
+    return RequestContext(principal=principal, deadline_s=getattr(state, "deadline_s", None), audit=state.audit)
+
+
+def caller(name: str | None) -> Principal:
+    """The principal a task's owner or a batch item's stamp names, as the keys file says now."""
+    if keys is None:
+        return OPEN_PRINCIPAL
+    found = keys.by_name(name) if name is not None else None
+    if found is None:
+        raise Unauthorized(f"the key {name!r} that sent this request is no longer in the keys file")
     return found
+
+
+def asked_deadline(ctx: bentoml.Context) -> float | None:
+    """``X-Request-Deadline`` of a task's stored request (the gateway checked it at submission)."""
+    try:
+        return float(ctx.request.headers.get(DEADLINE_HEADER, ""))
+    except ValueError:
+        return None
 
 
 # The OCI image installs exactly the lock that bentofile.yaml names (requirements/cuda.txt): uv is told to add
@@ -170,6 +207,8 @@ class SDXL:
                                stored.tag, stored.metadata.get("source"))
         if keys is None:
             logger.warning("no API keys file (SDXL_BENTO_KEYS_FILE): the service is open to anyone who reaches it")
+        else:
+            keys.install_sighup()
         lost = journal.recover()
         if lost:
             logger.warning("%d task(s) were unfinished when the service last stopped: marked failed (restart)", lost)
@@ -196,6 +235,11 @@ class SDXL:
         self.scheduler.start()
         task_registry.scheduler = drain.scheduler = self.scheduler
         drain.install()
+        self.retention = RetentionSweeper(
+            image_store, journal, image_max_age_s=settings.image_retention_s,
+            image_max_bytes=settings.image_store_max_bytes, task_max_age_s=settings.task_retention_s,
+            interval_s=settings.retention_sweep_s, on_sweep=metrics().observe_retention)
+        self.retention.start()
         cache = make_cache(settings.redis(), image_store, ttl_s=settings.cache_ttl_s,
                            max_bytes=settings.cache_max_bytes) if settings.cache else None
         guard = None
@@ -215,7 +259,8 @@ class SDXL:
             public_url=settings.public_url, metrics=metrics(), guard=guard, watermarker=Watermarker(watermark),
             policy=PromptPolicy.load(settings.policy_file) if settings.policy_file else None,
             resolve_model=self.engine.manager.resolve, has_lora=lambda name: find_lora(name) is not None,
-            max_upload_bytes=settings.max_upload_bytes,
+            max_upload_bytes=settings.max_upload_bytes, signer=signer if keys is not None else None,
+            url_ttl_s=settings.image_url_ttl_s,
         )
 
     def __is_ready__(self) -> bool:
@@ -224,6 +269,7 @@ class SDXL:
 
     @bentoml.on_shutdown
     def _stop(self) -> None:
+        self.retention.stop()
         self.scheduler.stop()
 
     @bentoml.api(input_spec=GenerateRequest, route="/txt2img")
@@ -238,9 +284,10 @@ class SDXL:
         if not image.data:
             raise ContentFiltered("the generated image was withheld by the safety check",
                                   finish_reason="content_filtered", seed=image.seed)
+        rctx = request_context(ctx)
         return Response(content=image.data, media_type=image.media_type, headers={
             "Seed": str(image.seed), "Finish-Reason": image.finish_reason, "X-Image-Id": image.id,
-            "X-Image-Url": self.generation.url(image.id), "X-Model": self.generation.models.base_tag,
+            "X-Image-Url": self.generation.url(image.id, rctx.principal), "X-Model": self.generation.models.base_tag,
             "X-Parameters": image.parameters.encode("unicode_escape").decode("ascii"),
             "X-Queue-Seconds": f"{outcome.queue_s:.4f}", "X-Generate-Seconds": f"{outcome.gpu_s:.4f}",
         })
@@ -277,9 +324,19 @@ class SDXL:
     # our scheduler enforces the deadline, so the batcher gets the whole timeout.
     @bentoml.api(batchable=True, max_batch_size=settings.concurrency * 2,
                  max_latency_ms=int(settings.timeout * 1000), route="/generate_batch")
-    async def generate_batch(self, requests: list[GenerateRequest]) -> list[schemas.BatchItem]:
-        """Adaptive batching: BentoML merges concurrent calls; compatible items run as one pipeline call."""
-        return await self.generation.run_batch(requests, RequestContext())
+    async def generate_batch(self, requests: list[BatchRequest]) -> list[schemas.BatchItem]:
+        """Adaptive batching: BentoML merges concurrent calls (of several callers); compatible items run as one
+        pipeline call. Each item carries the gateway's stamp of its caller: its tier, priority and deadline."""
+        items, refused = [], {}
+        for i, req in enumerate(requests):
+            try:
+                if req.caller is None:
+                    raise Unauthorized("this request did not pass the gateway")
+                items.append((req, RequestContext(principal=caller(req.caller.name), deadline_s=req.caller.deadline_s)))
+            except ServiceError as exc:
+                refused[i] = schemas.BatchItem(ok=False, error=schemas.ErrorInfo(type=exc.type, message=exc.message))
+        answers = iter(await self.generation.run_batch(items))
+        return [refused[i] if i in refused else next(answers) for i in range(len(requests))]
 
     @bentoml.api(input_spec=openai_compat.OpenAIImageWire, route="/v1/images/generations")
     @openai_compat.answers_openai_errors
@@ -287,7 +344,6 @@ class SDXL:
         """OpenAI Images API (any OpenAI client with ``base_url=<server>/v1``); errors in OpenAI's shape."""
         oreq = openai_compat.OpenAIImageRequest.model_validate(given(fields))
         req, rctx = openai_compat.to_generate_request(oreq), request_context(ctx)
-        check_tier(rctx, req)
         try:
             outcome = await self.generation.run(req, rctx)
         finally:
@@ -295,7 +351,7 @@ class SDXL:
         base = str(ctx.request.base_url)
         return openai_compat.to_openai_response(
             outcome.images, oreq.prompt, int(time.time()), oreq.response_format,
-            url_for=lambda image_id: openai_compat.absolute_url(base, self.generation.url(image_id)))
+            url_for=lambda image_id: openai_compat.absolute_url(base, self.generation.url(image_id, rctx.principal)))
 
     @bentoml.api(input_spec=a1111.A1111Wire, route="/sdapi/v1/txt2img")
     @a1111.answers_a1111_errors
@@ -303,7 +359,6 @@ class SDXL:
         """AUTOMATIC1111 ``/sdapi/v1/txt2img``: its fields and defaults, its answer; errors in its shape."""
         areq = a1111.A1111Txt2ImgRequest.model_validate(given(fields))
         req, rctx = a1111.to_generate_request(areq), request_context(ctx)
-        check_tier(rctx, req)
         rctx.on_submit = a1111_owners.recorder(rctx.principal.name)
         outcome = await self.generation.run(req, rctx)
         return a1111.to_a1111_response(areq, req, outcome.images, self.generation.models.base_tag)
@@ -327,32 +382,42 @@ class SDXL:
         return await self._task(ctx, InpaintRequest.model_validate(fields))
 
     async def _task(self, ctx: bentoml.Context, req: Any) -> GenerateResponse:
-        """Run a task's request; its end (completed, failed with a reason, cancelled) goes to the journal."""
+        """Run a task's request as its owner (the journal's record: a retry reaches here without the
+        gateway's state); its end (completed with its answer, failed with a reason, cancelled) goes to
+        the journal, which answers for the task from then on."""
         task_id = getattr(ctx.request.state, "task_id", None)
-        rctx = request_context(ctx)
-        rctx.on_submit = lambda jobs: task_registry.attach(task_id, jobs) if task_id else None
+        state = ctx.request.state
+        if not hasattr(state, "audit"):
+            state.audit = {}
         try:
-            outcome = await self.generation.run(req, rctx)
+            record = journal.get(task_id) if task_id else None
+            if record is None:
+                raise NotFound(f"task {task_id} is not in the journal")
+            rctx = RequestContext(principal=caller(record.owner), deadline_s=asked_deadline(ctx), audit=state.audit)
+            rctx.on_submit = lambda jobs: task_registry.attach(task_id, jobs)
+            answer = self.generation.response(req, await self.generation.run(req, rctx), rctx)
         except Cancelled:
             task_registry.ended(task_id, "canceled", "cancelled")
             raise TaskCancelled(task_id) from None
         except ServiceError as exc:
-            task_registry.ended(task_id, "failed", exc.type)
+            task_registry.ended(task_id, "failed", exc.type, error=exc.body(), http_status=exc.status)
             raise
-        except Exception:
-            task_registry.ended(task_id, "failed", "error")
+        except Exception as exc:
+            task_registry.ended(task_id, "failed", "error", http_status=500,
+                                error={"error": {"type": "error", "message": f"the task failed: {exc}"}})
             raise
-        task_registry.ended(task_id, "completed")
-        return self.generation.response(req, outcome, rctx)
+        task_registry.ended(task_id, "completed", result=answer.model_dump(mode="json"), http_status=200)
+        return answer
 
 
 # The first added is the outermost: the gateway sees every request before the task routes do.
-SDXL.add_asgi_middleware(Gateway, keys=keys, limiter=RateLimiter(settings.redis()),
+SDXL.add_asgi_middleware(Gateway, keys=keys, routes=ROUTES, signer=signer,
+                         limiter=RateLimiter(settings.redis(), on_redis_failure=lambda: metrics().redis_failed()),
+                         slots=JobSlots(settings.redis(), on_redis_failure=lambda: metrics().redis_failed()),
                          audit=AuditLog(settings.audit_path(), max_bytes=settings.audit_max_bytes,
                                         stdout=settings.audit_stdout, prompts=settings.audit_prompts),
-                         generation_routes=GENERATION_ROUTES,
-                         protected_routes=(*GENERATION_ROUTES, *TASK_ROUTES, "/sdapi/v1", "/models"),
-                         max_body_bytes=settings.max_body_bytes, active=active_jobs, drain=drain)
-SDXL.add_asgi_middleware(TaskControl, registry=task_registry, journal=journal, task_routes=TASK_ROUTES,
-                         directory=TaskDirectory(settings.redis(), settings.replica_url)
+                         max_body_bytes=settings.max_body_bytes, drain=drain,
+                         task_cost=lambda task_id: getattr(journal.get(task_id), "cost_images", None))
+SDXL.add_asgi_middleware(TaskControl, registry=task_registry, journal=journal, task_routes=tuple(TASK_MODELS),
+                         signer=signer, directory=TaskDirectory(settings.redis(), settings.replica_url)
                          if settings.redis() and settings.replica_url else None)

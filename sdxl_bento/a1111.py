@@ -290,7 +290,7 @@ def caller_of(request: Request) -> tuple[bool, str | None]:
     principal = request.scope.get("state", {}).get("principal")
     if principal is None:
         return False, None
-    return True, None if principal.tier.name == "open" else principal.name
+    return True, None if principal.anonymous else principal.name
 
 
 def a1111_app(get_scheduler: Callable[[], Scheduler | None], models: Callable[[], list[Any]], *,
@@ -326,19 +326,3 @@ def a1111_app(get_scheduler: Callable[[], Scheduler | None], models: Callable[[]
         Route("/samplers", list_samplers, methods=["GET"]),
         Route("/interrupt", stop, methods=["POST"]),
     ])
-
-
-# -- the gateway --------------------------------------------------------------------------------
-def demand_fields(body: dict[str, Any]) -> dict[str, Any]:
-    """A raw (unvalidated) txt2img body in the native field names the gateway's limit checks read.
-    Never raises: what cannot be read is left out."""
-    def num(name: str, default: int) -> int:
-        value = body.get(name, default)
-        return value if isinstance(value, int) and not isinstance(value, bool) else default
-
-    out = {"width": num("width", 1024), "height": num("height", 1024), "steps": num("steps", 50),
-           "num_images": num("batch_size", 1) * num("n_iter", 1)}
-    switch = body.get("refiner_switch_at")
-    named = str(body.get("refiner_checkpoint") or "").strip() not in ("", "None", "none")
-    out["refine"] = "ensemble" if named and not (isinstance(switch, (int, float)) and switch >= 1) else "none"
-    return out

@@ -3,12 +3,21 @@
 Each line is ``{"time": "<ISO-8601 UTC, ms>Z", **fields}``; the caller passes the fields:
 
 ``key_name``, ``tier``, ``endpoint``, ``prompt``, ``negative_prompt``, ``parameters`` (dict, seed
-included), ``model``, ``outcome`` (``ok``, ``error``, ``rejected`` or ``cancelled``), ``reason``,
-``status`` (HTTP), ``cache`` (``hit``, ``miss`` or null), ``queue_s``, ``gpu_s``, ``image_ids``,
-``request_id``.
+included), ``items`` (``/generate_batch``: one dict per request, with its ``prompt``,
+``negative_prompt`` and ``parameters``), ``model``, ``outcome`` (``ok``, ``error``, ``rejected`` or
+``cancelled``), ``reason``, ``message`` (the error's), ``status`` (HTTP), ``cache`` (``hit``, ``miss``
+or null), ``queue_s``, ``gpu_s``, ``image_ids``, ``seeds``, ``finish_reasons``, ``task_id``,
+``request_id``, ``duration_s``.
+
+What reaches the file is decided here, by allow-list, not by each caller: a field not in ``FIELDS`` is
+dropped, and so is a parameter not in ``PARAMETERS`` (uploads such as ``image``, ``mask`` or
+``init_images`` never are); strings are capped (``…[truncated, N chars]``), lists and nesting too, so
+a 16 MB body cannot become a 16 MB line. ``request_id`` comes from the client: printable characters
+only, at most 128.
 
 With ``prompts="hash"`` the prompt texts are replaced by their SHA-256 (``prompt_sha256``,
-``negative_prompt_sha256``): requests can still be matched to each other without keeping the text.
+``negative_prompt_sha256``), in ``items`` too: requests can still be matched to each other without
+keeping the text.
 
 Lines are written under a lock and flushed one by one, with no queue in between, so none is ever
 dropped or interleaved. The file is rotated by size like ``RotatingFileHandler``: ``path``,
@@ -27,13 +36,43 @@ import math
 import os
 import sys
 import threading
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Literal
 
 logger = logging.getLogger(__name__)
 
-_HASHED = ("prompt", "negative_prompt")
+FIELDS = frozenset({
+    "key_name", "tier", "endpoint", "prompt", "negative_prompt", "parameters", "items", "model", "outcome",
+    "reason", "message", "status", "cache", "queue_s", "gpu_s", "image_ids", "seeds", "finish_reasons", "task_id",
+    "request_id", "duration_s"})
+"""The fields a line may carry (besides ``time``, which is the log's own)."""
+
+PARAMETERS = frozenset({
+    # ours (schemas.py), and what generation adds
+    "width", "height", "steps", "guidance_scale", "seed", "seeds", "scheduler", "num_images", "refine",
+    "high_noise_frac", "refiner_strength", "strength", "model", "loras", "output_format", "quality",
+    "safety_check", "approximation", "image_id", "return_base64",
+    # OpenAI's (openai_compat.py), and what its ``record`` adds
+    "n", "size", "response_format", "style", "user", "output_compression", "stream", "api", "requested_model",
+    # AUTOMATIC1111's (a1111.py)
+    "sampler", "sampler_name", "sampler_index", "batch_size", "n_iter", "cfg_scale", "refiner_checkpoint",
+    "refiner_switch_at", "send_images", "denoising_strength"})
+"""Generation parameters worth keeping: settings, never content (prompts, uploads, scripts)."""
+
+ITEM_FIELDS = frozenset({"prompt", "negative_prompt", "parameters", "outcome", "reason", "seeds", "image_ids",
+                         "finish_reasons"})
+"""The fields of one ``items`` entry."""
+
+_PROMPTS = ("prompt", "negative_prompt")
+MAX_PROMPT = 10_000
+"""The schemas' own bound on a prompt: beyond it the request was refused anyway."""
+MAX_STRING = 200
+MAX_MESSAGE = 1_000
+MAX_REQUEST_ID = 128
+MAX_LIST = 256
+_MAX_DEPTH = 4
 
 
 class AuditLog:
@@ -95,16 +134,51 @@ class AuditLog:
         now = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         entry: dict[str, Any] = {"time": now}
         for name, value in fields.items():
-            if self.prompts == "hash" and name in _HASHED:
-                entry[f"{name}_sha256"] = None if value is None else hashlib.sha256(str(value).encode()).hexdigest()
+            if name not in FIELDS:
+                continue
+            if name in _PROMPTS:
+                self._prompt(entry, name, value)
+            elif name == "parameters":
+                entry[name] = _parameters(value)
+            elif name == "items":
+                entry[name] = self._items(value)
+            elif name == "request_id":
+                entry[name] = _request_id(value)
             else:
-                entry[name] = value
-        try:
-            text = json.dumps(entry, ensure_ascii=False, separators=(",", ":"), default=str, allow_nan=False)
-        except ValueError:  # NaN or infinity: not JSON, written as null
-            text = json.dumps(_finite(entry), ensure_ascii=False, separators=(",", ":"), default=str)
-        # Valid JSON either way; escaped so that tools splitting on Unicode line breaks see one line.
+                entry[name] = _scrub(value, MAX_MESSAGE if name in ("message", "reason") else MAX_STRING)
+        text = json.dumps(entry, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        # A lone surrogate (JSON allows "\\ud800") is not UTF-8: written as its JSON escape, as are the
+        # Unicode line breaks, so that tools splitting on them still see one line.
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
         return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029") + "\n"
+
+    def _prompt(self, entry: dict[str, Any], name: str, value: Any) -> None:
+        text = None if value is None else value if isinstance(value, str) else str(value)
+        if self.prompts == "hash":
+            entry[f"{name}_sha256"] = None if text is None else hashlib.sha256(
+                text.encode("utf-8", "surrogatepass")).hexdigest()
+        else:
+            entry[name] = None if text is None else _cap(text, MAX_PROMPT)
+
+    def _items(self, value: Any) -> Any:
+        if not isinstance(value, (list, tuple)):
+            return None
+        out: list[Any] = []
+        for item in value[:MAX_LIST]:
+            entry: dict[str, Any] = {}
+            for name, field in (item.items() if isinstance(item, Mapping) else ()):
+                if name not in ITEM_FIELDS:
+                    continue
+                if name in _PROMPTS:
+                    self._prompt(entry, name, field)
+                elif name == "parameters":
+                    entry[name] = _parameters(field)
+                else:
+                    entry[name] = _scrub(field, MAX_MESSAGE if name == "reason" else MAX_STRING)
+            out.append(entry)
+        if len(value) > MAX_LIST:
+            out.append(_more(len(value)))
+        return out
 
     def _write(self, data: bytes) -> None:
         assert self.path is not None
@@ -158,14 +232,56 @@ def _replaced(path: Path, file: IO[bytes]) -> bool:
     return (on_disk.st_dev, on_disk.st_ino) != (mine.st_dev, mine.st_ino)
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
+def _parameters(value: Any) -> dict[str, Any] | None:
+    if not isinstance(value, Mapping):
         return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+    return {name: _scrub(v, MAX_STRING) for name, v in value.items() if name in PARAMETERS}
+
+
+def _scrub(value: Any, cap: int, depth: int = 0) -> Any:
+    """``value`` as plain JSON: strings capped, lists and nesting bounded, NaN and infinity as null,
+    anything else as its (capped) ``str``."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return _cap(value, cap)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else None
+    if depth >= _MAX_DEPTH and isinstance(value, (Mapping, list, tuple)):
+        return "…[truncated, nested too deep]"
+    if isinstance(value, Mapping):
+        items = list(value.items())
+        out = {_cap(str(k), MAX_STRING): _scrub(v, cap, depth + 1) for k, v in items[:MAX_LIST]}
+        if len(items) > MAX_LIST:
+            out["…"] = _more(len(items))
+        return out
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+        out_list = [_scrub(v, cap, depth + 1) for v in value[:MAX_LIST]]
+        return out_list + [_more(len(value))] if len(value) > MAX_LIST else out_list
+    return _cap(str(value), cap)
 
 
-__all__ = ["AuditLog"]
+def _request_id(value: Any) -> str | None:
+    """The client's id, printable characters only (no forged lines or escape codes), at most 128."""
+    if value is None:
+        return None
+    out = []
+    for c in str(value):
+        if len(out) == MAX_REQUEST_ID:
+            break
+        if c.isprintable():
+            out.append(c)
+    return "".join(out)
+
+
+def _cap(text: str, cap: int) -> str:
+    return text[:cap] + f"…[truncated, {len(text)} chars]" if len(text) > cap else text[:]
+
+
+def _more(count: int) -> str:
+    return f"…[truncated, {count} items]"
+
+
+__all__ = ["FIELDS", "ITEM_FIELDS", "PARAMETERS", "AuditLog"]

@@ -2,7 +2,9 @@
 
 Keys are stored only as SHA-256 hashes, so a leaked keys file gives no one access; the raw key is
 shown once, by ``add_key``, and never appears in a repr, a log line or an error message.
-Without a keys file the service runs open (``OPEN_TIER`` for everyone).
+Without a keys file the service runs open: everyone is ``OPEN_PRINCIPAL`` (``anonymous``), in ``OPEN_TIER``.
+A running service follows its keys file through ``KeyFile``: a change is picked up within a second
+(or at once on SIGHUP), so ``sdxl-bento keys add`` needs no restart.
 
 Keys file, YAML (``.yaml``/``.yml``) or TOML (``.toml``), chosen by suffix::
 
@@ -13,6 +15,7 @@ Keys file, YAML (``.yaml``/``.yml``) or TOML (``.toml``), chosen by suffix::
         sha256: "<64 hex>"  # sha256 of the raw key, hex
         tier: standard
         overrides: {images_per_minute: 200}   # optional: any Tier field except name
+        operator: true      # optional (default false): may read, cancel and retry every key's tasks and images
 
 The same in TOML: ``[tiers.free]`` tables and one ``[[keys]]`` table per key.
 Anything wrong (unknown tier, field or top-level entry, a hash that is not 64 hex digits, a
@@ -28,20 +31,25 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
+import signal
 import stat
+import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from .errors import Forbidden, Unauthorized
+from .errors import Unauthorized
+
+logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "sk-sdxl-"
-
-
+_RAW_KEY = re.compile(re.escape(KEY_PREFIX) + r"\S*")
 
 @dataclass(frozen=True)
 class Tier:
@@ -109,9 +117,14 @@ class Principal:
     """The key's tier with its overrides applied."""
     key_id: str
     """First 8 hex digits of the key's sha256, for logs."""
+    operator: bool = False
+    """May read, cancel and retry every key's tasks and images, not only its own."""
+    anonymous: bool = False
+    """No keys file: nobody is identified, so nothing is owned. A property of the caller, not of the tier's
+    name: a keys file may well define a tier called ``open``."""
 
 
-OPEN_PRINCIPAL = Principal("anonymous", OPEN_TIER, "")
+OPEN_PRINCIPAL = Principal("anonymous", OPEN_TIER, "", anonymous=True)
 """Everyone, when the service runs without a keys file."""
 
 
@@ -121,15 +134,13 @@ class KeyStore:
     def __init__(self, tiers: Mapping[str, Tier], keys: Iterable[tuple[bytes, Principal]] = ()) -> None:
         self.tiers: dict[str, Tier] = dict(tiers)
         self._keys = list(keys)
+        self._by_name = {principal.name: principal for _, principal in self._keys}
 
     @classmethod
     def load(cls, path: Path) -> KeyStore:
         path = Path(path)
         fmt = _format(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ValueError(f"{path}: cannot read the keys file: {exc.strerror or exc}") from None
+        text, _ = _read(path)
         return cls.from_dict(_parse(text, fmt, path), source=str(path))
 
     @classmethod
@@ -175,6 +186,10 @@ class KeyStore:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def by_name(self, name: str) -> Principal | None:
+        """The principal of the key called ``name`` (task and image owners are stored by name)."""
+        return self._by_name.get(name)
+
     def __repr__(self) -> str:
         return f"KeyStore(keys={len(self._keys)}, tiers={len(self.tiers)})"
 
@@ -193,15 +208,144 @@ class KeyStore:
                 found = principal
         return found
 
-    def principal(self, headers: Mapping[str, str]) -> Principal:
-        """The caller named by the request headers; ``Unauthorized`` without a valid key."""
-        raw = extract_key(headers)
-        if raw is None:
-            raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
-        found = self.authenticate(raw)
-        if found is None:
-            raise Unauthorized("invalid API key")
-        return found
+
+Stamp = tuple[int, int, int]
+"""``(st_ino, st_mtime_ns, st_size)``: a new inode (an atomic replace) or an edit in place both change it."""
+
+
+class KeyFile:
+    """The live keys of a keys file: what ``KeyStore`` offers, following the file while the service runs.
+
+    Why: keys are added (``sdxl-bento keys add``) and revoked on a running service, in every worker.
+    The file is stat'ed at most once per ``check_every_s``, lazily by whichever call comes first (no
+    thread), and reloaded when its ``(st_ino, st_mtime_ns, st_size)`` changed, or at once on SIGHUP
+    (``install_sighup``). A file that no longer loads (mistyped, half-written, empty, gone) keeps the keys
+    loaded before, with one error logged per change: a bad edit never locks everyone out.
+    """
+
+    def __init__(self, path: Path | str, *, check_every_s: float = 1.0) -> None:
+        if not check_every_s >= 0:
+            raise ValueError(f"check_every_s must be 0 or more, not {check_every_s!r}")
+        self.path = Path(path)
+        self.check_every_s = check_every_s
+        fmt = _format(self.path)
+        text, self._stamp = _read(self.path)  # the stamp of the text read: a later change is always seen
+        self._store = KeyStore.from_dict(_parse(text, fmt, self.path), source=str(self.path))
+        self._lock = threading.Lock()
+        self._checked = time.monotonic()
+        self._pending = False  # SIGHUP asked for a reload
+        self._sighup = False
+
+    def __repr__(self) -> str:
+        return f"KeyFile({str(self.path)!r}, keys={len(self._store)})"
+
+    @property
+    def store(self) -> KeyStore:
+        """The current keys (checks the file first, when due)."""
+        self._check()
+        return self._store
+
+    @property
+    def tiers(self) -> dict[str, Tier]:
+        return self.store.tiers
+
+    @property
+    def names(self) -> list[str]:
+        return self.store.names
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def authenticate(self, raw_key: str | None) -> Principal | None:
+        return self.store.authenticate(raw_key)
+
+    def by_name(self, name: str) -> Principal | None:
+        return self.store.by_name(name)
+
+    def reload(self) -> bool:
+        """Load the file now, changed or not; True when new keys are in use."""
+        with self._lock:
+            self._checked = time.monotonic()
+            return self._load()
+
+    def install_sighup(self) -> None:
+        """Reload on SIGHUP too. Call from the main thread (``signal.signal`` requires it); a handler
+        installed before still runs, after this one. Calling it again changes nothing."""
+        if self._sighup:
+            return
+        previous = signal.getsignal(signal.SIGHUP)
+
+        def on_sighup(signum: int, frame: Any) -> None:
+            self._pending = True  # if the lock is taken (perhaps by the code this interrupted), the next use reloads
+            self._check()
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(signal.SIGHUP, on_sighup)
+        self._sighup = True
+
+    def _check(self) -> None:
+        if not self._pending and time.monotonic() - self._checked < self.check_every_s:
+            return
+        if not self._lock.acquire(blocking=False):
+            return  # another thread is checking: answer with the keys in hand meanwhile
+        try:
+            forced, self._pending = self._pending, False
+            self._checked = time.monotonic()
+            if forced or _stat(self.path) != self._stamp:
+                self._load()
+        finally:
+            self._lock.release()
+
+    def _load(self) -> bool:
+        """Under ``_lock``: swap in the file's keys, or keep the old ones and log why not."""
+        try:
+            text, self._stamp = _read(self.path)
+        except ValueError as exc:
+            self._stamp = _stat(self.path)  # logged once, not at every check
+            return self._failed(exc)
+        try:
+            if not text.strip():
+                raise ValueError(f"{self.path}: the file is empty")
+            store = KeyStore.from_dict(_parse(text, _format(self.path), self.path), source=str(self.path))
+        except ValueError as exc:
+            return self._failed(exc)
+        self._store = store
+        logger.info("keys file %s reloaded: %d keys", self.path, len(store))
+        return True
+
+    def _failed(self, exc: ValueError) -> bool:
+        logger.error("keys file not reloaded, still using the %d keys loaded before: %s", len(self._store),
+                     _redact(str(exc)))
+        return False
+
+
+def _read(path: Path) -> tuple[str, Stamp]:
+    """The file's text and the stamp of that very file (fstat on the open descriptor)."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the keys file: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    return text, (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _stat(path: Path) -> Stamp | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _redact(text: str) -> str:
+    """A raw key that a parser's message quotes (pasted into the file by mistake) stays out of logs."""
+    return _RAW_KEY.sub(KEY_PREFIX + "[redacted]", text)
 
 
 def _tier(name: Any, spec: Any, base: Tier | None) -> Tier:
@@ -232,8 +376,9 @@ def _key(index: int, spec: Any, tiers: Mapping[str, Tier]) -> tuple[bytes, Princ
     except ValueError as exc:
         raise ValueError(f"keys[{index}]: {exc}") from None
     where = f"key {name!r}"
-    if unknown := set(spec) - {"name", "sha256", "tier", "overrides"}:
-        raise ValueError(f"{where}: unknown fields {sorted(unknown)} (allowed: name, sha256, tier, overrides)")
+    if unknown := set(spec) - {"name", "sha256", "tier", "overrides", "operator"}:
+        raise ValueError(f"{where}: unknown fields {sorted(unknown)} "
+                         "(allowed: name, sha256, tier, overrides, operator)")
     sha = spec.get("sha256")
     if not isinstance(sha, str) or not _HEX64.fullmatch(sha):
         raise ValueError(f"{where}: sha256 must be 64 hex digits (a quoted string)")
@@ -249,7 +394,10 @@ def _key(index: int, spec: Any, tiers: Mapping[str, Tier]) -> tuple[bytes, Princ
         tier = replace(tiers[tier_name], **overrides)
     except ValueError as exc:
         raise ValueError(f"{where}: overrides: {exc}") from None
-    return bytes.fromhex(sha), Principal(name, tier, sha[:8].lower())
+    operator = spec.get("operator", False)
+    if not isinstance(operator, bool):
+        raise ValueError(f"{where}: operator must be true or false")
+    return bytes.fromhex(sha), Principal(name, tier, sha[:8].lower(), operator=operator)
 
 
 def _check_name(name: Any) -> None:
@@ -273,13 +421,25 @@ def _parse(text: str, fmt: str, path: Path) -> Any:
         try:
             return tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"{path}: not valid TOML: {exc}") from None
+            raise ValueError(f"{path}: not valid TOML: {_redact(str(exc))}") from None
     import yaml
 
     try:
         return yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+        raise ValueError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """What went wrong and where, without the quote of the line that ``str(exc)`` adds (it may hold a raw
+    key pasted into the file, cut so that no prefix marks it)."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem is None:
+        return type(exc).__name__
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    context = getattr(exc, "context", None)
+    return _redact(f"{context + ': ' if context else ''}{problem}{where}")
 
 
 def extract_key(headers: Mapping[str, str]) -> str | None:
@@ -294,33 +454,12 @@ def extract_key(headers: Mapping[str, str]) -> str | None:
     return (lowered.get("x-api-key") or "").strip() or None
 
 
-def check_request(tier: Tier, *, width: int, height: int, steps: int, num_images: int, refine: bool,
-                  safety_check: bool = True) -> None:
-    """``Forbidden``, naming the limit, when a request asks for more than its tier allows."""
-
-    def deny(message: str, limit: str, allowed: Any) -> Forbidden:
-        return Forbidden(message, tier=tier.name, limit=limit, allowed=allowed)
-
-    if refine and not tier.refiner_allowed:
-        raise deny(f"the {tier.name} tier may not use the refiner", "refiner_allowed", False)
-    if not safety_check and not tier.safety_optional:
-        raise deny(f"the {tier.name} tier may not turn off the safety check", "safety_optional", False)
-    if width * height > tier.max_pixels:
-        raise deny(f"{width}x{height} ({width * height} pixels) is above the {tier.name} tier's limit of "
-                   f"{tier.max_pixels} pixels", "max_pixels", tier.max_pixels)
-    if steps > tier.max_steps:
-        raise deny(f"steps {steps} is above the {tier.name} tier's limit of {tier.max_steps}",
-                   "max_steps", tier.max_steps)
-    if num_images > tier.max_images:
-        raise deny(f"num_images {num_images} is above the {tier.name} tier's limit of {tier.max_images}",
-                   "max_images", tier.max_images)
-
-
-def add_key(path: Path, name: str, tier: str) -> str:
+def add_key(path: Path, name: str, tier: str, *, operator: bool = False) -> str:
     """Create a key, store its hash under ``name`` in the keys file, and return the raw key.
 
     The file is created (mode 0600) when missing and replaced atomically otherwise (keeping its
-    mode). The key is returned once for the caller to show; it is stored nowhere.
+    mode), so a running service's ``KeyFile`` never reads it half-written. The key is returned once
+    for the caller to show; it is stored nowhere.
     """
     path = Path(path)
     fmt = _format(path)
@@ -333,23 +472,30 @@ def add_key(path: Path, name: str, tier: str) -> str:
     if tier not in store.tiers:
         raise ValueError(f"{path}: unknown tier {tier!r} (known: {', '.join(sorted(store.tiers))})")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    entry = {"name": name, "sha256": hashlib.sha256(key.encode()).hexdigest(), "tier": tier}
+    entry: dict[str, Any] = {"name": name, "sha256": hashlib.sha256(key.encode()).hexdigest(), "tier": tier}
+    if operator:
+        entry["operator"] = True
     if fmt == "yaml":
         import yaml
 
         new_text = yaml.safe_dump({**data, "keys": [*(data.get("keys") or []), entry]},
                                   sort_keys=False, allow_unicode=True)
     else:
-        table = "[[keys]]\n" + "".join(f"{k} = {_toml_string(v)}\n" for k, v in entry.items())
+        table = "[[keys]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in entry.items())
         new_text = text + ("\n" if text and not text.endswith("\n") else "") + ("\n" if text.strip() else "") + table
     try:
         written = KeyStore.from_dict(_parse(new_text, fmt, path))
     except ValueError as exc:
         raise ValueError(f"{path}: cannot add the key to this file ({exc}); add a [[keys]] table by hand") from None
-    if written.authenticate(key) is None or written.names[-1] != name:
+    added = written.authenticate(key)
+    if added is None or added.operator != operator or written.names[-1] != name:
         raise ValueError(f"{path}: the key could not be added to this file; add it by hand")
     _write_atomic(path, new_text)
     return key
+
+
+def _toml_value(value: str | bool) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else _toml_string(value)
 
 
 def _toml_string(value: str) -> str:
@@ -383,5 +529,5 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-__all__ = ["DEFAULT_TIERS", "OPEN_PRINCIPAL", "OPEN_TIER", "Forbidden", "KeyStore", "Principal", "Tier",
-           "Unauthorized", "add_key", "check_request", "extract_key"]
+__all__ = ["DEFAULT_TIERS", "OPEN_PRINCIPAL", "OPEN_TIER", "KeyFile", "KeyStore", "Principal", "Tier",
+           "Unauthorized", "add_key", "extract_key"]

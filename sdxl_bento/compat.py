@@ -3,22 +3,18 @@
 Each foreign API answers its errors in its own JSON shape, so its BentoML method takes a
 *lenient* input spec (``wire_model``: the same field names, every value accepted) and validates
 the body itself; ``answers_in`` turns the errors into that API's shape. Limits stay identical to
-the native API because every adapter maps onto ``GenerateRequest`` and validates that.
+the native API because every adapter maps onto ``GenerateRequest`` and validates that, and the tier's
+limits apply to that mapped request (``policy``).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from .auth import check_request
 from .errors import ServiceError
-from .schemas import GenerateRequest, RefineMode
-
-if TYPE_CHECKING:  # generation imports torch: the adapters stay light (the gateway and the CLI import them)
-    from .generation import RequestContext
 
 
 def wire_model(model: type[BaseModel], name: str, also: Iterable[str] = ()) -> type[BaseModel]:
@@ -56,13 +52,3 @@ def answers_in(shape: Callable[[Exception], Any]):
         return wrapper
 
     return decorate
-
-
-def check_tier(ctx: RequestContext, req: GenerateRequest) -> None:
-    """The caller's tier limits on the mapped request (``Forbidden``, 403, naming the limit).
-
-    The gateway checks raw bodies by the native field names; a foreign body (``size``, ``n``,
-    ``batch_size``) is checked here, after mapping. Without keys the open tier allows the API's maxima.
-    """
-    check_request(ctx.principal.tier, width=req.width, height=req.height, steps=req.steps,
-                  num_images=req.num_images, refine=req.refine != RefineMode.none)

@@ -43,6 +43,12 @@ class Conflict(ServiceError):
     status, type = 409, "conflict"
 
 
+class Gone(ServiceError):
+    """It existed and is no more (a task's request after a restart)."""
+
+    status, type = 410, "gone"
+
+
 class Overloaded(ServiceError):
     """The queue is full: the request was not accepted, nothing was started."""
 

@@ -1,111 +1,63 @@
-"""The gateway: what every generation request passes before it reaches an API method.
+"""The gateway: what every request to a guarded route passes before it reaches BentoML.
 
-An ASGI middleware, so that task submissions are checked before BentoML hands out a task id:
-body size (413) and type (415) -> API key (401) -> the tier's limits (403) -> the key's
-concurrent jobs and token buckets (429 with ``Retry-After`` and ``X-RateLimit-*``). It puts the
-caller (``principal``) and its deadline into the request state for the API methods, and writes
-exactly one audit line per request when the request is over (for a task: when the task ends),
-merged with what the API method recorded in ``state["audit"]``.
+An ASGI middleware (the outermost), so that task submissions are checked before BentoML hands out a task
+id. In order: repeated query parameters or credential/content headers (400, since the framework and this
+code could read different copies) -> API key, or a replica's signed forward (401) -> credentials removed
+from the request, so that no task record or log holds them -> for generation routes: body size (413) and
+type (415) -> the body turned into typed native requests by the route's parser (400, in the route's API
+shape) -> ``policy.police`` of each typed request (403) -> the key's concurrent jobs and token buckets (429
+with ``Retry-After``). The caller (``principal``), its deadline and the admission go into the request
+state. Exactly one audit line per request is written when the request is over (for a task: when the task
+ends), merged with what the API method recorded in ``state["audit"]``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
-from collections import Counter
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
+from urllib.parse import parse_qsl
 
-from . import a1111, openai_compat
+from pydantic import ValidationError
+
 from .audit import AuditLog
-from .auth import OPEN_PRINCIPAL, KeyStore, Principal, Unauthorized, check_request, extract_key
+from .auth import OPEN_PRINCIPAL, Principal, extract_key
 from .errors import InvalidRequest, PayloadTooLarge, ServiceError, ShuttingDown, TooManyRequests, UnsupportedMediaType
+from .errors import Unauthorized
+from .policy import Admission, police
 from .ratelimit import Limit, RateLimiter
+from .routes import Route, RouteTable, invalid
+from .signing import INTERNAL_HEADERS, Signer
 
 logger = logging.getLogger(__name__)
 
-ANONYMOUS = OPEN_PRINCIPAL
 DEADLINE_HEADER = "x-request-deadline"
 """Seconds the client is willing to wait; only a deadline shorter than the tier's default is honoured."""
-
-
-@dataclass(frozen=True)
-class Demand:
-    """What a request asks of the GPU, read from its JSON body before validation."""
-
-    width: int = 1024
-    height: int = 1024
-    steps: int = 30
-    images: int = 1
-    refine: bool = False
-
-
-FOREIGN_BODIES = {"/v1/images/generations": openai_compat.demand_fields, "/sdapi/v1/txt2img": a1111.demand_fields}
-"""Routes of other APIs: their bodies are read as our fields, so limits count their real images and steps."""
-FOREIGN_ERRORS = {"/v1/images/generations": openai_compat.from_service_error, "/sdapi/v1/": a1111.from_error}
-"""The gateway's own refusals on those routes come in that API's error shape."""
-
-
-def demand(route: str, body: Any) -> Demand:
-    if route in FOREIGN_BODIES and isinstance(body, dict):
-        body = FOREIGN_BODIES[route](body)
-    items = body.get("requests") if route == "/generate_batch" and isinstance(body, dict) else [body]
-    items = [i for i in (items if isinstance(items, list) else []) if isinstance(i, dict)]
-    if not items:
-        return Demand()
-
-    def num(item: dict, name: str, default: int) -> int:
-        value = item.get(name, default)
-        return value if isinstance(value, int) and not isinstance(value, bool) else default
-
-    return Demand(
-        width=max(num(i, "width", 1024) for i in items), height=max(num(i, "height", 1024) for i in items),
-        steps=max(num(i, "steps", 30) for i in items),
-        images=sum(num(i, "num_images", 1) for i in items),
-        refine=route == "/refine" or any(i.get("refine", "none") not in ("none", None) for i in items),
-    )
-
-
-class ActiveJobs:
-    """Requests in progress per key; a task counts until it ends."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: Counter[str] = Counter()
-
-    def try_acquire(self, name: str, limit: int) -> bool:
-        with self._lock:
-            if self._counts[name] >= limit:
-                return False
-            self._counts[name] += 1
-            return True
-
-    def release(self, name: str) -> None:
-        with self._lock:
-            self._counts[name] -= 1
-            if self._counts[name] <= 0:
-                del self._counts[name]
-
-    def get(self, name: str) -> int:
-        with self._lock:
-            return self._counts[name]
+CREDENTIALS = ("authorization", "x-api-key")
+SINGLE_HEADERS = (*CREDENTIALS, *INTERNAL_HEADERS, "content-type", "content-length", DEADLINE_HEADER,
+                  "idempotency-key", "prefer", "accept")
+"""Headers that change what is done: sent twice, the framework and the gateway could read different ones."""
+AUDITED_HEADERS = ("x-request-id",)
 
 
 class Gateway:
-    def __init__(self, app: Any, *, keys: KeyStore | None, limiter: RateLimiter, audit: AuditLog,
-                 generation_routes: tuple[str, ...], protected_routes: tuple[str, ...], max_body_bytes: int,
-                 active: ActiveJobs, drain: Any = None) -> None:
+    def __init__(self, app: Any, *, keys: Any, limiter: RateLimiter, slots: Any, audit: AuditLog,
+                 routes: RouteTable, signer: Signer, max_body_bytes: int, drain: Any = None,
+                 task_cost: Callable[[str], int | None] | None = None) -> None:
         self.app = app
         self.keys = keys
+        """``auth.KeyFile`` (reloaded on change), or None: the service runs open."""
         self.limiter = limiter
+        self.slots = slots
+        """``ratelimit.JobSlots``: requests in progress per key (a task counts until it ends)."""
         self.audit = audit
-        self.generation_routes = generation_routes
-        self.protected_routes = protected_routes
+        self.routes = routes
+        self.signer = signer
         self.max_body_bytes = max_body_bytes
-        self.active = active
         self.drain = drain
+        self.task_cost = task_cost or (lambda task_id: None)
+        """Images a retried task makes (from the journal), charged to the image bucket."""
 
     @property
     def metrics(self) -> Any:
@@ -115,37 +67,55 @@ class Gateway:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         path = scope.get("path", "").rstrip("/") or "/"
-        if scope["type"] != "http" or not path.startswith(self.protected_routes):
+        if scope["type"] != "http" or not self.routes.is_protected(path):
             return await self.app(scope, receive, send)
         state = scope.setdefault("state", {})
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        is_generation = scope["method"] == "POST" and path in self.generation_routes
+        template = self.routes.template(path)
+        route = self.routes.generation.get(path) if scope["method"] == "POST" else None
+        retry = scope["method"] == "POST" and path.endswith("/retry") and path in {
+            f"{p}/retry" for p in self.routes.task_prefixes}
         started = time.monotonic()
-        principal, body, params = ANONYMOUS, b"", None
+        principal: Principal | None = None
+        requests: list[Any] = []
+        headers: dict[str, str] = {}
         try:
-            principal = self._authenticate(headers)
+            headers = _single_headers(scope)
+            query = _single_query(scope)
+            principal = self._authenticate(headers, scope, path)
+            _strip_credentials(scope)
             state["principal"] = principal
-            if not is_generation:
+            if route is None and not retry:
                 return await self.app(scope, receive, send)
+            assert principal is not None
             if self.drain is not None and self.drain.draining:
                 raise ShuttingDown("the service is shutting down; try again shortly (or another replica)",
                                    retry_after=30)
-            body = await self._read_body(headers, receive)
-            params = _json_or_none(body)
-            state["deadline_s"] = self._deadline(principal, headers)
-            rate_headers = self._admit(principal, path, params)
-        except ServiceError as exc:
-            self._reject(exc, principal, path, params, headers, started)
-            return await _answer(exc, scope, receive, send)
+            deadline = self._deadline(headers)
+            if route is not None:
+                body = await self._read_body(headers, receive)
+                requests, admission = self._police(route, principal, body, deadline)
+                if route.batch:
+                    body = self._stamp(body, principal, admission.deadline_s)
+            else:  # a retry runs the task's stored request again: it costs what the task cost
+                body = b""
+                images = self.task_cost(query.get("task_id", "")) or 1
+                admission = Admission(images=images, priority=principal.tier.priority,
+                                      deadline_s=deadline or principal.tier.default_deadline_s)
+            state["deadline_s"] = admission.deadline_s
+            state["admission"] = admission
+            lease, rate_headers = self._admit(principal, admission)
+        except (ServiceError, ValidationError) as exc:
+            error = exc if isinstance(exc, ServiceError) else invalid(exc)
+            self._reject(error, principal, template, requests, headers, started)
+            return await self.routes.shape(path)(exc)(scope, receive, send)
 
         status: dict[str, int] = {}
-
         replayed = False
 
         async def replay() -> dict[str, Any]:
-            """The body, once; after it, the real channel (which reports a disconnect)."""
+            """The (possibly stamped) body, once; after it, the real channel (which reports a disconnect)."""
             nonlocal replayed
-            if replayed:
+            if replayed or route is None:
                 return await receive()
             replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
@@ -160,22 +130,45 @@ class Gateway:
                                                   *((k.lower().encode(), v.encode()) for k, v in extra.items())]}
             await send(message)
 
+        if route is not None and route.batch:
+            _set_header(scope, "content-length", str(len(body)))
         try:
             await self.app(scope, replay, send_with_headers)
         finally:
-            self.active.release(principal.name)
-            self._record(principal, path, params, headers, started, status.get("code"), state.get("audit", {}))
+            self.slots.release(lease)
+            self._record(principal, template, requests, headers, started, status.get("code"), state.get("audit", {}))
 
     # -- the checks, in order ---------------------------------------------------------------------
-    def _authenticate(self, headers: dict[str, str]) -> Principal:
+    def _authenticate(self, headers: dict[str, str], scope: dict[str, Any], path: str) -> Principal | None:
+        """The caller: a key, a replica's signed forward (task routes only), or nobody (open service; or a
+        guarded read that a signed link can also open, where the route decides)."""
+        if any(name in headers for name in INTERNAL_HEADERS):
+            caller = self._forwarded(headers, scope, path)
+            if caller is not None:
+                return caller
+            raise Unauthorized("the forwarded request's signature is invalid or expired")
         if self.keys is None:
-            return ANONYMOUS
-        principal = self.keys.authenticate(extract_key(headers))
+            return OPEN_PRINCIPAL
+        raw = extract_key(headers)
+        if raw is None and any(path == p or path.startswith(p + "/") for p in self.routes.open_reads):
+            return None
+        principal = self.keys.authenticate(raw)
         if principal is None:
             raise Unauthorized("a valid API key is required (Authorization: Bearer KEY or X-API-Key: KEY)")
         return principal
 
-    async def _read_body(self, headers: dict[str, str], receive: Any) -> bytes:
+    def _forwarded(self, headers: dict[str, str], scope: dict[str, Any], path: str) -> Principal | None:
+        if not any(path.startswith(p + "/") for p in self.routes.task_prefixes):
+            return None
+        query = scope.get("query_string", b"").decode("latin-1")
+        name = self.signer.forwarded_caller(headers, scope["method"], path, query)
+        if name is None:
+            return None
+        if self.keys is None:
+            return OPEN_PRINCIPAL
+        return self.keys.by_name(name)
+
+    async def _read_body(self, headers: dict[str, str], receive: Any) -> Any:
         media_type = headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if media_type not in ("application/json", ""):
             raise UnsupportedMediaType(f"send the request as application/json, not {media_type}")
@@ -197,84 +190,135 @@ class Gateway:
         return b"".join(chunks)
 
     @staticmethod
-    def _deadline(principal: Principal, headers: dict[str, str]) -> float:
-        deadline = principal.tier.default_deadline_s
+    def _deadline(headers: dict[str, str]) -> float | None:
         asked = headers.get(DEADLINE_HEADER)
-        if asked is not None:
-            try:
-                value = float(asked)
-            except ValueError:
-                raise InvalidRequest(f"{DEADLINE_HEADER} must be a number of seconds, not {asked!r}") from None
-            if not 0 < value <= 86_400:
-                raise InvalidRequest(f"{DEADLINE_HEADER} must be between 0 and 86400 seconds")
-            deadline = min(deadline, value)
-        return deadline
+        if asked is None:
+            return None
+        try:
+            value = float(asked)
+        except ValueError:
+            raise InvalidRequest(f"{DEADLINE_HEADER} must be a number of seconds, not {asked!r}") from None
+        if not 0 < value <= 86_400:
+            raise InvalidRequest(f"{DEADLINE_HEADER} must be between 0 and 86400 seconds")
+        return value
 
-    def _admit(self, principal: Principal, path: str, params: Any) -> dict[str, str]:
+    @staticmethod
+    def _police(route: Route, principal: Principal, body: bytes,
+                deadline: float | None) -> tuple[list[Any], Admission]:
+        """The body as the typed requests it runs, each within the caller's tier; what they cost together."""
+        try:
+            params = json.loads(body) if body else None
+        except ValueError:
+            raise InvalidRequest("the request body is not valid JSON") from None
+        requests = route.parse(params)
+        if not requests:
+            raise InvalidRequest("requests: give at least one request", field="requests")
+        admissions = []
+        for i, req in enumerate(requests):
+            try:
+                admissions.append(police(principal, req, deadline_s=deadline))
+            except ServiceError as exc:
+                if route.batch:
+                    exc.message = f"requests[{i}]: {exc.message}"
+                raise
+        first = admissions[0]
+        return requests, Admission(images=sum(a.images for a in admissions), priority=first.priority,
+                                   deadline_s=first.deadline_s)
+
+    @staticmethod
+    def _stamp(body: bytes, principal: Principal, deadline_s: float) -> bytes:
+        """Each batch item gets its caller; BentoML merges items of several callers into one call."""
+        params = json.loads(body)
+        stamp = {"name": None if principal.anonymous else principal.name, "deadline_s": deadline_s}
+        params["requests"] = [{**item, "caller": stamp} for item in params["requests"]]
+        return json.dumps(params).encode()
+
+    def _admit(self, principal: Principal, admission: Admission) -> tuple[Any, dict[str, str]]:
         tier = principal.tier
-        need = demand(path, params)
-        if self.keys is not None and isinstance(params, dict):  # open: the schema's limits alone
-            check_request(tier, width=need.width, height=need.height, steps=need.steps, num_images=need.images,
-                          refine=need.refine)
-        if not self.active.try_acquire(principal.name, tier.max_concurrent_jobs):
+        lease = self.slots.acquire(principal.name, tier.max_concurrent_jobs)
+        if lease is None:
             raise TooManyRequests(
                 f"key {principal.name!r} already has {tier.max_concurrent_jobs} requests in progress, the limit "
                 f"of the {tier.name} tier", retry_after=5)
         if self.keys is None:
-            return {}
+            return lease, {}
         try:
             decision = self.limiter.take([
                 (f"{principal.name}:requests", Limit(tier.requests_per_minute, tier.burst_requests), 1),
                 (f"{principal.name}:images", Limit(tier.images_per_minute, tier.burst_images),
-                 min(need.images, tier.burst_images)),
+                 min(admission.images, tier.burst_images)),
             ])
             self.metrics.ratelimit_degraded.set(1 if self.limiter.degraded else 0)
             if not decision.allowed:
                 raise TooManyRequests(f"rate limit of the {tier.name} tier reached for key {principal.name!r}",
                                       retry_after=decision.retry_after_s, headers=decision.headers())
         except BaseException:
-            self.active.release(principal.name)
+            self.slots.release(lease)
             raise
-        headers = decision.headers()
-        return headers
+        return lease, decision.headers()
 
     # -- audit -------------------------------------------------------------------------------------
-    def _reject(self, exc: ServiceError, principal: Principal, path: str, params: Any, headers: dict[str, str],
-                started: float) -> None:
+    def _reject(self, exc: ServiceError, principal: Principal | None, template: str, requests: list[Any],
+                headers: dict[str, str], started: float) -> None:
         self.metrics.rejected.labels(reason=exc.type).inc()
-        self._record(principal, path, params, headers, started, exc.status,
-                     {"outcome": "rejected", "reason": exc.type})
+        self._record(principal, template, requests, headers, started, exc.status,
+                     {"outcome": "rejected", "reason": exc.type, "message": exc.message})
 
-    def _record(self, principal: Principal, path: str, params: Any, headers: dict[str, str], started: float,
-                status: int | None, audit: dict[str, Any]) -> None:
-        params = params if isinstance(params, dict) else {}
+    def _record(self, principal: Principal | None, template: str, requests: list[Any], headers: dict[str, str],
+                started: float, status: int | None, audit: dict[str, Any]) -> None:
         outcome = audit.get("outcome") or ("ok" if status and status < 400 else "error")
-        fields = {
-            "key_name": principal.name, "tier": principal.tier.name, "endpoint": path,
-            "prompt": params.get("prompt"), "negative_prompt": params.get("negative_prompt"),
-            "parameters": audit.get("parameters") or {k: v for k, v in params.items()
-                                                      if k not in ("prompt", "negative_prompt")},
-            "model": audit.get("model"), "outcome": outcome, "reason": audit.get("reason"),
-            "status": audit.get("status", status), "cache": audit.get("cache"), "queue_s": audit.get("queue_s"),
-            "gpu_s": audit.get("gpu_s"), "image_ids": audit.get("image_ids", []), "seeds": audit.get("seeds"),
-            "finish_reasons": audit.get("finish_reasons"),
+        fields: dict[str, Any] = {
+            "key_name": principal.name if principal else None, "tier": principal.tier.name if principal else None,
+            "endpoint": template, "model": audit.get("model"), "outcome": outcome, "reason": audit.get("reason"),
+            "message": audit.get("message"), "status": audit.get("status", status), "cache": audit.get("cache"),
+            "queue_s": audit.get("queue_s"), "gpu_s": audit.get("gpu_s"), "image_ids": audit.get("image_ids", []),
+            "seeds": audit.get("seeds"), "finish_reasons": audit.get("finish_reasons"),
             "task_id": audit.get("task_id"), "request_id": headers.get("x-request-id"),
             "duration_s": round(time.monotonic() - started, 4),
         }
+        fields.update(prompt=None, negative_prompt=None, parameters={})  # one shape, even before the body is read
+        if len(requests) == 1:
+            fields.update(_described(requests[0]))
+            if audit.get("parameters"):
+                fields["parameters"] = audit["parameters"]
+        elif requests:
+            fields["items"] = [_described(req) for req in requests]
         self.audit.record(**fields)
-        self.metrics.requests.labels(endpoint=path, outcome=outcome).inc()
+        self.metrics.requests.labels(endpoint=template, outcome=outcome).inc()
 
 
-def _json_or_none(body: bytes) -> Any:
-    try:
-        return json.loads(body) if body else None
-    except ValueError:
-        return None
+def _described(req: Any) -> dict[str, Any]:
+    """A typed request for the audit line: prompts apart, never an upload."""
+    params = req.model_dump(mode="json", exclude={"prompt", "negative_prompt", "image", "mask", "caller"})
+    return {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "parameters": params}
 
 
-async def _answer(exc: ServiceError, scope: Any, receive: Any, send: Any) -> None:
-    from .errors import to_response
+def _single_headers(scope: dict[str, Any]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in scope.get("headers", []):
+        name = raw_name.decode("latin-1").lower()
+        if name in headers and name in SINGLE_HEADERS:
+            raise InvalidRequest(f"the {name} header is sent more than once; send it once", field=name)
+        headers.setdefault(name, raw_value.decode("latin-1"))
+    return headers
 
-    path = scope.get("path", "")
-    shape = next((f for prefix, f in FOREIGN_ERRORS.items() if path.startswith(prefix)), to_response)
-    await shape(exc)(scope, receive, send)
+
+def _single_query(scope: dict[str, Any]) -> dict[str, str]:
+    pairs = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    names = [name for name, _ in pairs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InvalidRequest(f"the query parameter {repeated[0]} is given more than once; give it once",
+                             field=repeated[0])
+    return dict(pairs)
+
+
+def _strip_credentials(scope: dict[str, Any]) -> None:
+    """After authentication no one needs the key: BentoML stores task requests' headers on disk."""
+    drop = {name.encode() for name in (*CREDENTIALS, *INTERNAL_HEADERS)}
+    scope["headers"] = [(k, v) for k, v in scope.get("headers", []) if k.lower() not in drop]
+
+
+def _set_header(scope: dict[str, Any], name: str, value: str) -> None:
+    key = name.encode()
+    scope["headers"] = [(k, v) for k, v in scope.get("headers", []) if k.lower() != key] + [(key, value.encode())]

@@ -15,12 +15,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .auth import OPEN_PRINCIPAL, Forbidden, Principal
+from .auth import OPEN_PRINCIPAL, Principal
 from .cache import CachedImage, Coalescer, ResultCache, cache_key
 from .engine import BatchKey, Work
 from .errors import Cancelled, DeadlineExceeded, InvalidRequest, NotFound, ServiceError, Unavailable
 from .images import MEDIA_TYPES, SAMPLER_LABELS, ImageStore, encode, infotext
+from .policy import Admission, check_size, max_pixels, may_use, owner_of, police
 from .safety import ImageGuard, PromptPolicy, Watermarker
+from .signing import Signer
 from .uploads import decode_base64_image
 from .scheduler import Job, Scheduler
 from .schemas import (
@@ -54,6 +56,7 @@ class RequestContext:
 
     principal: Principal = OPEN_PRINCIPAL
     deadline_s: float | None = None
+    """The client's deadline (``X-Request-Deadline``); the tier's default applies when it is longer."""
     audit: dict[str, Any] = field(default_factory=dict)
     on_submit: Callable[[list[Job]], None] | None = None
     received: float = field(default_factory=time.monotonic)
@@ -75,7 +78,8 @@ class Generation:
                  cache: ResultCache | None = None, cache_unseeded: bool = False, public_url: str = "",
                  metrics: Any = None, policy: PromptPolicy | None = None, guard: ImageGuard | None = None,
                  watermarker: Watermarker | None = None, resolve_model: Callable[[str], str] | None = None,
-                 has_lora: Callable[[str], bool] | None = None, max_upload_bytes: int = 12 * 2**20) -> None:
+                 has_lora: Callable[[str], bool] | None = None, max_upload_bytes: int = 12 * 2**20,
+                 signer: Signer | None = None, url_ttl_s: float = 3600) -> None:
         self.scheduler = scheduler
         self.images = images
         self.models = models
@@ -93,6 +97,8 @@ class Generation:
         self.resolve_model = resolve_model or (lambda tag: tag or models.base_tag)
         self.has_lora = has_lora or (lambda name: False)
         self.max_upload_bytes = max_upload_bytes
+        self.signer = signer
+        self.url_ttl_s = url_ttl_s
 
     # -- requests to works -------------------------------------------------------------------
     def _style(self, req: GenerateRequest | Img2ImgRequest) -> dict[str, Any]:
@@ -103,27 +109,36 @@ class Generation:
                                      f"(sdxl-bento models import-lora SOURCE --tag {name})", field="loras")
         return {"model": self.resolve_model(req.model or ""), "loras": req.lora_key()}
 
-    def _source_image(self, req: Img2ImgRequest) -> Any:
+    def load(self, image_id: str, principal: Principal) -> Any:
+        """A stored image the caller may use; another key's answers as an unknown id would."""
+        if not may_use(principal, self.images.info(image_id).owner):
+            raise NotFound(f"no image with id {image_id}")
+        return self.images.load(image_id)
+
+    def _source_image(self, req: Img2ImgRequest, principal: Principal) -> Any:
         if req.image is not None:
             return decode_base64_image(req.image, max_pixels=UPLOAD_MAX_PIXELS, max_bytes=self.max_upload_bytes)
-        return self.images.load(str(req.image_id))
+        return self.load(str(req.image_id), principal)
 
-    def _size(self, req: Img2ImgRequest, image: Any) -> tuple[int, int]:
-        """The asked size, or the image's: scaled into the pixel limit, multiples of 8."""
+    def _size(self, req: Img2ImgRequest, image: Any, principal: Principal) -> tuple[int, int]:
+        """The asked size, or the image's: scaled into the pixel limit (the service's and the caller's
+        tier's), multiples of 8."""
         if req.width and req.height:
             return req.width, req.height
         width, height = req.width or image.width, req.height or image.height
-        scale = min(1.0, (req.limits.max_pixels / (width * height)) ** 0.5, 2048 / max(width, height))
+        limit = max_pixels(principal.tier, req.limits.max_pixels)
+        scale = min(1.0, (limit / (width * height)) ** 0.5, 2048 / max(width, height))
         width, height = int(width * scale) // 8 * 8, int(height * scale) // 8 * 8
         if min(width, height) < 256:
             raise InvalidRequest(f"the image is {image.width}x{image.height}; give width and height of at least "
                                  "256 (the image is resized to them)", field="image")
+        check_size(principal.tier, width, height)
         return width, height
 
-    def work(self, req: Request) -> Work:
+    def work(self, req: Request, principal: Principal = OPEN_PRINCIPAL) -> Work:
         if isinstance(req, Img2ImgRequest):
-            image = self._source_image(req)
-            width, height = self._size(req, image)
+            image = self._source_image(req, principal)
+            width, height = self._size(req, image, principal)
             kind = "inpaint" if isinstance(req, InpaintRequest) else "img2img"
             key = BatchKey(kind=kind, width=width, height=height, steps=req.steps, guidance_scale=req.guidance_scale,
                            scheduler=req.scheduler.value, strength=req.strength,
@@ -140,7 +155,8 @@ class Generation:
         if isinstance(req, RefineRequest):
             if self.models.refiner_tag is None:
                 raise Unavailable("refining needs the refiner, which this server has not loaded")
-            image = self.images.load(str(req.image_id))
+            image = self.load(str(req.image_id), principal)
+            check_size(principal.tier, image.width, image.height)
             key = BatchKey(kind="refine", width=image.width, height=image.height, steps=req.steps,
                            guidance_scale=req.guidance_scale, scheduler=req.scheduler.value, strength=req.strength,
                            has_negative=bool(req.negative_prompt), approximation=req.approximation.value)
@@ -157,19 +173,20 @@ class Generation:
                        **self._style(req))
         return Work(key=key, prompt=req.prompt, negative_prompt=req.negative_prompt, seeds=req.seeds(req.num_images))
 
-    def check(self, req: Request, ctx: RequestContext) -> None:
-        """Before any GPU work: the operator's prompt policy, and who may turn the image check off."""
+    def admit(self, req: Request, ctx: RequestContext) -> Admission:
+        """Before any GPU work, on the request that runs: the caller's tier (``policy.police``, as the
+        gateway did before admitting it) and the operator's prompt policy."""
+        admission = police(ctx.principal, req, deadline_s=ctx.deadline_s)
         if self.policy is not None:
             self.policy.enforce(req.prompt, req.negative_prompt)
-        if not req.safety_check and not ctx.principal.tier.safety_optional:
-            raise Forbidden(f"the {ctx.principal.tier.name} tier may not turn off the safety check",
-                            limit="safety_optional")
+        return admission
 
-    def _cache_key(self, req: Request, work: Work) -> str | None:
+    def _cache_key(self, req: Request, work: Work, principal: Principal) -> str | None:
         if self.cache is None or (req.seed is None and not self.cache_unseeded):
             return None
-        params = req.model_dump(mode="json", exclude={"return_base64"})
+        params = req.model_dump(mode="json", exclude={"return_base64", "caller"})
         params["seeds"] = work.seeds
+        params["owner"] = owner_of(principal)  # no key learns from a hit what another key asked for
         uses_refiner = work.key.kind == "refine" or work.key.refine != "none"
         model = (work.key.model or self.models.base_tag) + (f"+{self.models.refiner_tag}" if uses_refiner else "")
         return cache_key(params, model, req.output_format.value)
@@ -180,13 +197,13 @@ class Generation:
         ctx.audit["parameters"] = req.model_dump(mode="json", exclude={"prompt", "negative_prompt", "return_base64",
                                                                        "image", "mask"})
         try:
-            self.check(req, ctx)
-            work = self.work(req)
-            key = self._cache_key(req, work)
+            admission = self.admit(req, ctx)
+            work = self.work(req, ctx.principal)
+            key = self._cache_key(req, work, ctx.principal)
             if key is None:
-                outcome = await self._generate(req, work, ctx)
+                outcome = await self._generate(req, work, ctx, admission)
             else:
-                outcome = await self._cached(req, work, key, ctx)
+                outcome = await self._cached(req, work, key, ctx, admission)
         except ServiceError as exc:
             ctx.audit.update(outcome="cancelled" if isinstance(exc, Cancelled) else "error", reason=exc.type,
                              status=exc.status, message=exc.message)
@@ -197,16 +214,18 @@ class Generation:
                          image_ids=[i.id for i in outcome.images if i.id], seeds=[i.seed for i in outcome.images])
         return outcome
 
-    async def _cached(self, req: Request, work: Work, key: str, ctx: RequestContext) -> Outcome:
+    async def _cached(self, req: Request, work: Work, key: str, ctx: RequestContext,
+                      admission: Admission) -> Outcome:
         cache = self.cache
         assert cache is not None
         hit = await asyncio.to_thread(cache.get, key)
         if hit is not None:
             self._count("cache_hits")
-            return Outcome(images=[self._local(image) for image in hit], cache="hit", model=work.key.model)
+            owner = owner_of(ctx.principal)
+            return Outcome(images=[self._local(image, owner) for image in hit], cache="hit", model=work.key.model)
 
         async def produce() -> Outcome:
-            outcome = await self._generate(req, work, ctx)
+            outcome = await self._generate(req, work, ctx, admission)
             if all(image.finish_reason == "success" for image in outcome.images):
                 await asyncio.to_thread(self._put, key, outcome.images)
             return outcome
@@ -228,22 +247,27 @@ class Generation:
             self._stats_at = time.monotonic()
             self.metrics.observe_cache(self.cache.stats())
 
-    def _local(self, image: CachedImage) -> CachedImage:
-        """A cached image as a file of this server's store (a Redis hit may come from another replica)."""
-        try:
-            self.images.find(image.id)
-            return image
-        except NotFound:
-            fmt = next(f for f, m in MEDIA_TYPES.items() if m == image.media_type)
-            return CachedImage(**{**image.__dict__, "id": self.images.save(image.data, fmt)})
+    def _local(self, image: CachedImage, owner: str | None) -> CachedImage:
+        """A cached image as a file of this server's store (a Redis hit may come from another replica, or
+        the image may have expired from the store)."""
+        if image.id:
+            try:
+                self.images.info(image.id)
+                return image
+            except NotFound:
+                pass
+        if not image.data:
+            return image  # withheld by the safety check: nothing to store
+        fmt = next(f for f, m in MEDIA_TYPES.items() if m == image.media_type)
+        return CachedImage(**{**image.__dict__, "id": self.images.save(image.data, fmt, owner=owner)})
 
-    async def _generate(self, req: Request, work: Work, ctx: RequestContext) -> Outcome:
-        timeout = min(self.timeout, ctx.deadline_s or self.timeout)
-        (job,) = self.scheduler.submit([work], timeout=timeout, priority=ctx.principal.tier.priority)
+    async def _generate(self, req: Request, work: Work, ctx: RequestContext, admission: Admission) -> Outcome:
+        timeout = min(self.timeout, admission.deadline_s)
+        (job,) = self.scheduler.submit([work], timeout=timeout, priority=admission.priority)
         if ctx.on_submit is not None:
             ctx.on_submit([job])
         images = await self.wait(job, timeout)
-        stored = await asyncio.to_thread(self.store, job.work, images, req)
+        stored = await asyncio.to_thread(self.store, job.work, images, req, owner_of(ctx.principal))
         return Outcome(images=stored, queue_s=job.queue_seconds, gpu_s=job.run_seconds, model=work.key.model)
 
     async def wait(self, job: Job, timeout: float) -> list[Any]:
@@ -258,7 +282,7 @@ class Generation:
             self.scheduler.cancel(job)
             raise
 
-    def store(self, work: Work, images: list[Any], req: Request) -> list[CachedImage]:
+    def store(self, work: Work, images: list[Any], req: Request, owner: str | None = None) -> list[CachedImage]:
         """Check each image (before it is stored, cached or returned), watermark it, encode it with its own
         parameters and save it. A withheld image keeps its place, with no id and no data."""
         key, fmt = work.key, req.output_format.value
@@ -279,7 +303,7 @@ class Generation:
                                        height=key.height, parameters=text, data=b"", finish_reason=reason))
                 continue
             data = encode(image, fmt, req.quality, text)
-            out.append(CachedImage(id=self.images.save(data, fmt), seed=seed, media_type=MEDIA_TYPES[fmt],
+            out.append(CachedImage(id=self.images.save(data, fmt, owner=owner), seed=seed, media_type=MEDIA_TYPES[fmt],
                                    width=image.width, height=image.height, parameters=text, data=data,
                                    finish_reason=reason))
         if self.metrics is not None and any(flagged):
@@ -310,47 +334,52 @@ class Generation:
             params["Synthetic"] = "true"
         return params
 
-    async def run_batch(self, requests: list[GenerateRequest], ctx: RequestContext) -> list[BatchItem]:
-        """Submit all requests at once so that compatible ones share a pipeline call; answer each alone."""
-        items: list[BatchItem | None] = [None] * len(requests)
-        works, index = [], []
-        for i, req in enumerate(requests):
+    async def run_batch(self, items: list[tuple[GenerateRequest, RequestContext]]) -> list[BatchItem]:
+        """Submit all items at once so that compatible ones share a pipeline call; answer each alone. Each
+        item carries its own caller (BentoML merges several callers' items): its tier, priority, deadline."""
+        answers: list[BatchItem | None] = [None] * len(items)
+        works, index, admissions = [], [], []
+        for i, (req, ctx) in enumerate(items):
             try:
-                self.check(req, ctx)
-                works.append(self.work(req))
-                index.append(i)
+                admission, work = self.admit(req, ctx), self.work(req, ctx.principal)
             except ServiceError as exc:
-                items[i] = _failure(exc)
-        timeout = min(self.timeout, ctx.deadline_s or self.timeout)
+                answers[i] = _failure(exc)
+                continue
+            admissions.append(admission)
+            works.append(work)
+            index.append(i)
+        timeouts = [min(self.timeout, a.deadline_s) for a in admissions]
         try:
-            jobs = self.scheduler.submit(works, timeout=timeout, priority=ctx.principal.tier.priority) if works else []
+            jobs = self.scheduler.submit(works, timeout=timeouts, priority=[a.priority for a in admissions]) \
+                if works else []
         except ServiceError as exc:
-            return [item or _failure(exc) for item in items]
+            return [answer or _failure(exc) for answer in answers]
 
-        async def finish(req: GenerateRequest, job: Job) -> BatchItem:
+        async def finish(req: GenerateRequest, ctx: RequestContext, job: Job, timeout: float) -> BatchItem:
             try:
                 images = await self.wait(job, timeout)
-                stored = await asyncio.to_thread(self.store, job.work, images, req)
+                stored = await asyncio.to_thread(self.store, job.work, images, req, owner_of(ctx.principal))
             except ServiceError as exc:
                 return _failure(exc)
             outcome = Outcome(images=stored, queue_s=job.queue_seconds, gpu_s=job.run_seconds, model=job.work.key.model)
             return BatchItem(ok=True, result=self.response(req, outcome, ctx))
 
-        done = await asyncio.gather(*(finish(requests[i], job) for i, job in zip(index, jobs)))
-        for i, item in zip(index, done):
-            items[i] = item
-        answered = [item for item in items if item is not None]
-        ctx.audit.update(outcome="ok" if all(i.ok for i in answered) else "error",
-                         image_ids=[img.id for i in answered if i.result for img in i.result.images])
-        return answered
+        done = await asyncio.gather(*(finish(*items[i], job, timeout) for i, job, timeout in zip(index, jobs, timeouts)))
+        for i, answer in zip(index, done):
+            answers[i] = answer
+        return [answer for answer in answers if answer is not None]
 
     # -- answers -----------------------------------------------------------------------------
-    def url(self, image_id: str) -> str:
-        return f"{self.public_url}/images/{image_id}"
+    def url(self, image_id: str, principal: Principal = OPEN_PRINCIPAL) -> str:
+        """The image's link; with keys, signed and expiring (``signing``), so it opens without a key."""
+        link = f"{self.public_url}/images/{image_id}"
+        if principal.anonymous or self.signer is None:
+            return link
+        return f"{link}?{self.signer.image_query(image_id, self.url_ttl_s)}"
 
     def response(self, req: Request, outcome: Outcome, ctx: RequestContext) -> GenerateResponse:
         results = [
-            ImageResult(id=i.id or None, url=self.url(i.id) if i.id else None, seed=i.seed, width=i.width,
+            ImageResult(id=i.id or None, url=self.url(i.id, ctx.principal) if i.id else None, seed=i.seed, width=i.width,
                         height=i.height, format=req.output_format, finish_reason=i.finish_reason,
                         base64=base64.b64encode(i.data).decode() if req.return_base64 and i.data else None)
             for i in outcome.images

@@ -16,8 +16,7 @@ Mounting (service.py): an API method with ``input_spec=OpenAIImageWire`` and
 ``route="/v1/images/generations"``, decorated with ``@answers_openai_errors``; it validates
 ``OpenAIImageRequest.model_validate(given(fields))``, maps with ``to_generate_request``, runs
 ``Generation.run`` and answers ``to_openai_response(...)``. The route belongs in the gateway's
-generation routes (API key, tier limits, rate limits, audit); ``demand_fields`` translates a raw
-body for the gateway's limit checks.
+generation routes (API key, tier limits, rate limits, audit), which parse the body the same way.
 """
 
 from __future__ import annotations
@@ -42,6 +41,8 @@ SDXL_SIZES = ("1024x1024", "1152x896", "896x1152", "1216x832", "832x1216", "1344
 """The sizes SDXL was trained on (about one megapixel); 256x256 and 512x512 work for quick tests."""
 QUALITY_STEPS = {"standard": 30, "hd": 50, "low": 20, "medium": 30, "high": 50, "auto": 30}
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
+_LIMIT_PARAMS = {"max_images": "n", "max_pixels": "size", "max_steps": "quality"}
+"""A tier limit (``policy``) -> the OpenAI parameter that asked for more."""
 _PARAMS = {"width": "size", "height": "size", "num_images": "n", "output_format": "output_format",
            "quality": "output_compression"}
 
@@ -179,7 +180,8 @@ def from_service_error(exc: ServiceError) -> JSONResponse:
         type_ = "invalid_request_error"
         code = {"invalid_request": "invalid_value", "unauthorized": "invalid_api_key",
                 "content_filtered": "content_policy_violation"}.get(exc.type, exc.type)
-    return openai_error(exc.status, exc.message, type_, code, exc.details.get("field"), exc.headers())
+    param = exc.details.get("field") or _LIMIT_PARAMS.get(exc.details.get("limit", ""))
+    return openai_error(exc.status, exc.message, type_, code, param, exc.headers())
 
 
 def from_validation_error(exc: ValidationError) -> JSONResponse:
@@ -203,21 +205,6 @@ def _to_openai(exc: Exception) -> JSONResponse:
 
 answers_openai_errors = answers_in(_to_openai)
 """Decorator for the API method: every error it raises is answered in OpenAI's shape."""
-
-
-# -- the gateway --------------------------------------------------------------------------------
-def demand_fields(body: dict[str, Any]) -> dict[str, Any]:
-    """A raw (unvalidated) body in the native field names the gateway's limit checks read:
-    width, height, steps, num_images. Never raises: what cannot be read is left out."""
-    out: dict[str, Any] = {}
-    match = _SIZE.match(str(body.get("size") or "1024x1024"))
-    if match:
-        out["width"], out["height"] = int(match.group(1)), int(match.group(2))
-    if isinstance(body.get("n"), int):
-        out["num_images"] = body["n"]
-    steps = body.get("steps")
-    out["steps"] = steps if isinstance(steps, int) else QUALITY_STEPS.get(str(body.get("quality") or "auto"), 30)
-    return out
 
 
 def _field_in(message: str) -> str:

@@ -1,4 +1,4 @@
-"""Per-API-key token buckets: requests per minute and images per minute.
+"""Per-API-key limits: token buckets (requests and images per minute) and job slots (requests in progress).
 
 Why: the service has one GPU, and one greedy key could hold it for everyone. A token bucket per key
 and per resource lets every key burst a little, then caps it at its fair rate.
@@ -11,6 +11,11 @@ and machines whatever their clocks say.
 Why fail-open: if Redis is unreachable, refusing every request (fail-closed) would turn a cache
 outage into a full outage. Instead each process falls back to its own in-process buckets, which
 still bound a key to `workers x limit`, logs the outage once, and retries Redis every few seconds.
+Each failed Redis call is reported to `on_redis_failure` (the service counts them in a metric), so an
+outage shows on a dashboard, not only in the log.
+
+`JobSlots` caps the requests a key has in progress the same way: leases in Redis, shared by every
+process, that lapse when their process dies; counted in-process when Redis is not there.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import logging
 import math
 import threading
 import time
+import uuid
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
@@ -169,34 +176,81 @@ class _MemoryBuckets:
         self._sweep_at = max(_SWEEP_MIN, 2 * len(self._state))
 
 
+class _Outage:
+    """Whether one Redis client is to be used: after a failed call, it is tried again once per interval
+    (whatever the threads), the outage is logged once, and ``on_failure`` hears of every failed call."""
+
+    def __init__(self, who: str, fallback: str, back: str, retry_interval_s: float,
+                 on_failure: Optional[Callable[[], None]]) -> None:
+        self._who, self._fallback, self._back = who, fallback, back
+        self._retry_interval_s = retry_interval_s
+        self._on_failure = on_failure
+        self._lock = threading.Lock()
+        self.degraded = False
+        self.failures = 0
+        self._next_try = 0.0  # time.monotonic() before which a degraded client does not try Redis
+
+    def should_try(self) -> bool:
+        with self._lock:
+            if not self.degraded:
+                return True
+            now = time.monotonic()
+            if now < self._next_try:
+                return False
+            self._next_try = now + self._retry_interval_s  # one probe per interval
+            return True
+
+    def failed(self, e: Exception) -> None:
+        with self._lock:
+            self.failures += 1
+            self._next_try = time.monotonic() + self._retry_interval_s
+            first = not self.degraded
+            self.degraded = True
+        if first:
+            logger.warning("%s: Redis unreachable (%s: %s); %s, retrying every %.1f s", self._who,
+                           type(e).__name__, e, self._fallback, self._retry_interval_s)
+        if self._on_failure is not None:
+            try:
+                self._on_failure()
+            except Exception:  # a metric that fails must not fail the request
+                logger.exception("%s: on_redis_failure raised", self._who)
+
+    def succeeded(self) -> None:
+        with self._lock:
+            back, self.degraded = self.degraded, False
+        if back:
+            logger.info("%s: Redis is back; %s", self._who, self._back)
+
+
+def _redis_client(redis_url: str, socket_timeout_s: float) -> tuple[redis.Redis, tuple[type[Exception], ...]]:
+    import redis as redis_mod
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    # One immediate retry re-dials a pooled connection that went stale (Redis restarted); anything
+    # longer would only delay the fallback.
+    client = redis_mod.Redis.from_url(redis_url, socket_timeout=socket_timeout_s,
+                                      socket_connect_timeout=socket_timeout_s, retry=Retry(NoBackoff(), 1))
+    return client, (redis_mod.RedisError, OSError)
+
+
 class RateLimiter:
     """All-or-nothing token buckets, in Redis when `redis_url` is given, else in this process.
 
-    `take` never raises because Redis is down: it answers from the in-process buckets meanwhile."""
+    `take` never raises because Redis is down: it answers from the in-process buckets meanwhile, and
+    calls `on_redis_failure` (a metric, say) once per failed Redis call."""
 
     def __init__(self, redis_url: Optional[str] = None, *, prefix: str = "sdxl-bento:rl:",
                  clock: Callable[[], float] = time.time, retry_interval_s: float = 5.0,
-                 socket_timeout_s: float = 0.5) -> None:
+                 socket_timeout_s: float = 0.5, on_redis_failure: Optional[Callable[[], None]] = None) -> None:
         self._prefix = prefix
         self._memory = _MemoryBuckets(clock)
-        self._retry_interval_s = retry_interval_s
-        self._state_lock = threading.Lock()
-        self._degraded = False
-        self._next_try = 0.0  # time.monotonic() before which a degraded limiter does not try Redis
+        self._outage = _Outage("rate limiter", "using in-process limits", "limits are shared again",
+                               retry_interval_s, on_redis_failure)
         self._last_backend = "redis" if redis_url else "memory"
-        self.redis_failures = 0
         self._redis: Optional[redis.Redis] = None
         if redis_url:
-            import redis as redis_mod
-            from redis.backoff import NoBackoff
-            from redis.retry import Retry
-
-            self._redis_errors: tuple[type[Exception], ...] = (redis_mod.RedisError, OSError)
-            # One immediate retry re-dials a pooled connection that went stale (Redis restarted);
-            # anything longer would only delay the fallback.
-            self._redis = redis_mod.Redis.from_url(
-                redis_url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s,
-                retry=Retry(NoBackoff(), 1))
+            self._redis, self._redis_errors = _redis_client(redis_url, socket_timeout_s)
             self._script = self._redis.register_script(_LUA)
 
     @property
@@ -207,7 +261,12 @@ class RateLimiter:
     @property
     def degraded(self) -> bool:
         """True while a Redis URL is configured but Redis is unreachable (serving from memory)."""
-        return self._degraded
+        return self._outage.degraded
+
+    @property
+    def redis_failures(self) -> int:
+        """Redis calls that failed so far."""
+        return self._outage.failures
 
     def take(self, items: list[tuple[str, Limit, int]]) -> Decision:
         """Charge `cost` tokens from every bucket, or none if any lacks them.
@@ -222,14 +281,15 @@ class RateLimiter:
         for name, lim, cost in items:
             if cost < 0:
                 raise ValueError(f"negative cost {cost} for bucket {name!r}")
-        if self._redis is not None and self._should_try_redis():
+        if self._redis is not None and self._outage.should_try():
             try:
                 out = self._script(keys=[self._prefix + n for n in names],
                                    args=[a for _, lim, cost in items for a in (repr(lim.per_second), lim.burst, cost)])
             except self._redis_errors as e:
-                self._on_failure(e)
+                self._outage.failed(e)
             else:
-                self._on_success()
+                self._outage.succeeded()
+                self._last_backend = "redis"
                 return _decide(items, [float(x) for x in out[1:]], int(out[0]) == 1)
         self._last_backend = "memory"
         return self._memory.take(items)
@@ -238,30 +298,193 @@ class RateLimiter:
         if self._redis is not None:
             self._redis.close()
             self._redis = None
-        self._degraded = False
+        self._outage.degraded = False
 
-    def _should_try_redis(self) -> bool:
-        with self._state_lock:
-            if not self._degraded:
-                return True
-            now = time.monotonic()
-            if now < self._next_try:
-                return False
-            self._next_try = now + self._retry_interval_s  # one probe per interval, whatever the threads
-            return True
 
-    def _on_failure(self, e: Exception) -> None:
-        with self._state_lock:
-            self.redis_failures += 1
-            self._next_try = time.monotonic() + self._retry_interval_s
-            if not self._degraded:
-                self._degraded = True
-                logger.warning("rate limiter: Redis unreachable (%s: %s); using in-process limits, "
-                               "retrying every %.1f s", type(e).__name__, e, self._retry_interval_s)
+# -- concurrent jobs --------------------------------------------------------------------------------
 
-    def _on_success(self) -> None:
-        with self._state_lock:
-            self._last_backend = "redis"
-            if self._degraded:
-                self._degraded = False
-                logger.info("rate limiter: Redis is back; limits are shared again")
+# KEYS[1]: the key's sorted set (member: lease id, score: expiry in ms of the Redis clock).
+# ARGV: lease id, limit, lease ms, leases this process holds outside Redis (taken during an outage).
+_ACQUIRE = """
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) + tonumber(ARGV[4]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+return 1
+"""
+
+# KEYS[1]: a key's sorted set; ARGV: lease ms, then the lease ids to extend. Expired leases are dropped
+# first, and XX never adds one back: a lease that lapsed (or was released meanwhile) stays gone.
+_REFRESH = """
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[i]) end
+if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('PTTL', KEYS[1]) < ttl then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
+return 0
+"""
+
+_HELD = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
+"""
+
+
+class JobSlots:
+    """Requests in progress per key, capped by the tier's ``max_concurrent_jobs``, across processes.
+
+    Why Redis: counted in each process, N workers or replicas would give a key N times its cap. Each
+    slot is a lease in one sorted set per key (member: lease id, score: expiry), taken atomically by a
+    Lua script (drop expired, count, add) on the Redis clock. One daemon thread extends the leases this
+    process holds every ``lease_s / 3``; a process that dies stops extending, and its slots come free
+    ``lease_s`` later instead of never.
+
+    Why fail-open, as ``RateLimiter``: without Redis (no URL, or unreachable) slots are counted in this
+    process (``degraded`` while Redis is down), so a key is held to ``processes x limit`` rather than
+    refused. A lease is released where it was taken: the lease id says which.
+    """
+
+    def __init__(self, redis_url: Optional[str], *, lease_s: float = 60.0,
+                 on_redis_failure: Optional[Callable[[], None]] = None, prefix: str = "sdxl-bento:slots:",
+                 retry_interval_s: float = 5.0, socket_timeout_s: float = 0.5) -> None:
+        if not lease_s > 0:
+            raise ValueError(f"lease_s must be above 0, not {lease_s!r}")
+        self.lease_s = lease_s
+        self._lease_ms = max(1, round(lease_s * 1000))
+        self._prefix = prefix
+        self._lock = threading.Lock()
+        self._leases: dict[str, tuple[str, bool]] = {}  # lease id -> (key name, in Redis)
+        self._local: Counter[str] = Counter()  # key name -> leases held outside Redis
+        self._outage = _Outage("job slots", "counting jobs in this process", "slots are shared again",
+                               retry_interval_s, on_redis_failure)
+        self._redis: Optional[redis.Redis] = None
+        self._stop = threading.Event()
+        self._refresher: Optional[threading.Thread] = None
+        if redis_url:
+            self._redis, self._redis_errors = _redis_client(redis_url, socket_timeout_s)
+            self._acquire = self._redis.register_script(_ACQUIRE)
+            self._refresh = self._redis.register_script(_REFRESH)
+            self._held = self._redis.register_script(_HELD)
+
+    def __repr__(self) -> str:
+        return f"JobSlots(redis={self._redis is not None}, leases={len(self._leases)}, degraded={self.degraded})"
+
+    @property
+    def degraded(self) -> bool:
+        """True while a Redis URL is configured but Redis is unreachable (counting in this process)."""
+        return self._outage.degraded
+
+    @property
+    def redis_failures(self) -> int:
+        return self._outage.failures
+
+    def acquire(self, name: str, limit: int) -> Optional[str]:
+        """A lease id for one more request of key ``name``, or None when it already holds ``limit``."""
+        lease = uuid.uuid4().hex
+        if self._redis is not None and self._outage.should_try():
+            with self._lock:
+                outside = self._local[name]
+            try:
+                ok = self._acquire(keys=[self._prefix + name], args=[lease, limit, self._lease_ms, outside])
+            except self._redis_errors as e:
+                self._outage.failed(e)
+            else:
+                self._outage.succeeded()
+                if not int(ok):
+                    return None
+                with self._lock:
+                    self._leases[lease] = (name, True)
+                    self._start_refresher()
+                return lease
+        with self._lock:
+            if sum(1 for n, _ in self._leases.values() if n == name) >= limit:
+                return None
+            self._leases[lease] = (name, False)
+            self._local[name] += 1
+        return lease
+
+    def release(self, lease_id: str) -> None:
+        """Give the slot back; an unknown or already released lease id changes nothing."""
+        with self._lock:
+            found = self._leases.pop(lease_id, None)
+            if found is None:
+                return
+            name, in_redis = found
+            if not in_redis:
+                self._local[name] -= 1
+                if self._local[name] <= 0:
+                    del self._local[name]
+                return
+        if self._redis is not None and self._outage.should_try():
+            try:
+                self._redis.zrem(self._prefix + name, lease_id)  # one command: atomic as it is
+            except self._redis_errors as e:
+                self._outage.failed(e)  # no longer extended: it lapses within lease_s
+            else:
+                self._outage.succeeded()
+
+    def held(self, name: str) -> int:
+        """Leases of key ``name``: in Redis (every process) plus this process's own outside it; this
+        process's alone while Redis is unreachable."""
+        with self._lock:
+            mine = sum(1 for n, _ in self._leases.values() if n == name)
+            outside = self._local[name]
+        if self._redis is not None and self._outage.should_try():
+            try:
+                shared = int(self._held(keys=[self._prefix + name]))
+            except self._redis_errors as e:
+                self._outage.failed(e)
+            else:
+                self._outage.succeeded()
+                return shared + outside
+        return mine
+
+    def close(self) -> None:
+        """Stop extending leases and give back this process's leases in Redis."""
+        self._stop.set()
+        if self._refresher is not None and self._refresher is not threading.current_thread():
+            self._refresher.join(timeout=5)
+        with self._lock:
+            in_redis = [(lease, name) for lease, (name, r) in self._leases.items() if r]
+        if self._redis is not None:
+            for lease, name in in_redis:
+                self.release(lease)
+            self._redis.close()
+            self._redis = None
+
+    def _start_refresher(self) -> None:
+        """Under ``_lock``: the refresh thread, started with the first lease taken in Redis (and again if it
+        is gone: after a fork, the parent's thread does not exist in the child)."""
+        if (self._refresher is None or not self._refresher.is_alive()) and not self._stop.is_set():
+            self._refresher = threading.Thread(target=self._refresh_loop, name="job-slots-refresh", daemon=True)
+            self._refresher.start()
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            self._extend()
+
+    def _extend(self) -> None:
+        """Extend every lease this process holds in Redis by ``lease_s``."""
+        with self._lock:
+            by_name: dict[str, list[str]] = {}
+            for lease, (name, in_redis) in self._leases.items():
+                if in_redis:
+                    by_name.setdefault(name, []).append(lease)
+        if self._redis is None or not by_name or not self._outage.should_try():
+            return
+        for name, leases in by_name.items():
+            try:
+                self._refresh(keys=[self._prefix + name], args=[self._lease_ms, *leases])
+            except self._redis_errors as e:
+                self._outage.failed(e)
+                return
+        self._outage.succeeded()

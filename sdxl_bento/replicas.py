@@ -4,7 +4,9 @@ through any other.
 BentoML runs a task inside the process that accepted it and keeps its state there. Each replica
 records, in the shared Redis, which replica (its internal URL, ``SDXL_BENTO_REPLICA_URL``) owns each
 task it accepts; a replica asked about a task it does not know forwards the request to the owner and
-relays the answer, headers and all (the owner checks the API key itself).
+relays the answer. It forwards no client credential (the gateway removed it): the caller is named in
+headers signed with the replicas' shared secret (``signing``), and only to an owner URL of the form
+``http(s)://<IP address>:<port>``, as replicas announce themselves (``SDXL_BENTO_REPLICA_URL``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,21 @@ import httpx
 logger = logging.getLogger(__name__)
 
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length"}
+
+
+def replica_url(url: str) -> bool:
+    """``http(s)://<IP address>:<port>`` and nothing more: what replicas announce (their pod address)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    try:
+        ipaddress.ip_address(parts.hostname or "")
+        port = parts.port
+    except ValueError:
+        return False
+    return (parts.scheme in ("http", "https") and port is not None and not parts.username
+            and parts.path in ("", "/") and not parts.query and not parts.fragment)
 
 
 class TaskDirectory:
@@ -46,14 +63,22 @@ class TaskDirectory:
         url = value.decode() if value else None
         return url if url and url != self.self_url else None
 
-    async def forward(self, owner: str, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        """Send the same request to the owner and relay its answer; 503 when the owner cannot be reached."""
+    async def forward(self, owner: str, scope: dict[str, Any], receive: Any, send: Any, *,
+                      headers: dict[str, str] | None = None) -> None:
+        """Send the same request to the owner with ``headers`` (the signed caller) and relay its answer;
+        503 when the owner cannot be reached or its URL is not a replica's."""
         from starlette.requests import Request
         from starlette.responses import JSONResponse, Response
 
         request = Request(scope, receive)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        headers = {**{k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}, **(headers or {})}
         url = f"{owner}{scope['path']}"
+        if not replica_url(owner):
+            logger.error("task directory: owner %r of a task is not a replica URL; not forwarding", owner)
+            response = JSONResponse({"error": {"type": "unavailable", "message": "the replica running this task "
+                                                                                 "is unknown"}}, status_code=503,
+                                    headers={"Retry-After": "5"})
+            return await response(scope, receive, send)
         try:
             async with httpx.AsyncClient(timeout=30) as client:
                 answer = await client.request(request.method, url, params=request.query_params, headers=headers,

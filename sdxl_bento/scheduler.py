@@ -139,11 +139,14 @@ class Scheduler:
                             reason=self._stop_reason, retry_after=30)
 
     # -- admission ---------------------------------------------------------------------------
-    def submit(self, works: list[Work], *, timeout: float, priority: int = 0) -> list[Job]:
-        """Queue works atomically (so they can share a batch); raise Overloaded when full."""
+    def submit(self, works: list[Work], *, timeout: float | list[float], priority: int | list[int] = 0) -> list[Job]:
+        """Queue works atomically (so they can share a batch); raise Overloaded when full. ``timeout`` and
+        ``priority`` are one for all, or one per work (a batch of several callers' items)."""
         now = self.clock()
-        jobs = [Job(work=w, deadline=now + timeout, priority=priority, arrival=now,
-                    total_steps=w.key.total_steps()) for w in works]
+        timeouts = timeout if isinstance(timeout, list) else [timeout] * len(works)
+        priorities = priority if isinstance(priority, list) else [priority] * len(works)
+        jobs = [Job(work=w, deadline=now + t, priority=p, arrival=now, total_steps=w.key.total_steps())
+                for w, t, p in zip(works, timeouts, priorities, strict=True)]
         with self._cond:
             if self._closed:
                 raise ShuttingDown("the service is shutting down; try again shortly (or another replica)",

@@ -13,6 +13,7 @@ from enum import Enum
 from typing import Annotated, Any, ClassVar, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 MAX_SEED = 2**32 - 1
 
@@ -139,6 +140,24 @@ class GenerateRequest(_Styled):
                 f"the limit is {limit} pixels"
             )
         return self
+
+
+class CallerStamp(BaseModel):
+    """Who sent a batch item and by when: set by the gateway, since BentoML's adaptive batching merges the
+    items of several callers into one call."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Optional[str] = None
+    """The API key's name; None when the service runs without keys."""
+    deadline_s: Annotated[float, Field(gt=0)]
+
+
+class BatchRequest(GenerateRequest):
+    """An item of ``/generate_batch``."""
+
+    caller: SkipJsonSchema[Optional[CallerStamp]] = None
+    """Set by the gateway (a client's is refused), so it is not in the API's schema."""
 
 
 class RefineRequest(_Request):

@@ -138,6 +138,19 @@ class Settings(BaseSettings):
     state_dir: Path = Field(default_factory=lambda: Path.home() / ".sdxl-bento" / "state")
     """Folder of the task journal (survives restarts, unlike BentoML's task database)."""
 
+    # -- retention -----------------------------------------------------------------------------
+    image_retention_s: float = Field(default=7 * 86_400, ge=60, le=10 * 365 * 86_400)
+    """How long stored images are kept; older ones are deleted by the background sweep."""
+
+    image_store_max_bytes: int = Field(default=50 * 2**30, ge=2**20)
+    """Disk the image store may use; beyond it the oldest images go first."""
+
+    task_retention_s: float = Field(default=7 * 86_400, ge=60, le=10 * 365 * 86_400)
+    """How long ended tasks (their state, owner, reason and result) stay answerable."""
+
+    retention_sweep_s: float = Field(default=300, ge=1, le=86_400)
+    """Seconds between two retention sweeps of the image store and the task journal."""
+
     # -- gateway -------------------------------------------------------------------------------
     keys_file: Optional[Path] = None
     """API keys and tiers (YAML or TOML); without one the service runs open."""
@@ -150,6 +163,13 @@ class Settings(BaseSettings):
 
     replica_url: str = ""
     """This replica's URL as the other replicas reach it; with Redis, tasks are then reachable through any replica."""
+
+    internal_secret: Optional[SecretStr] = None
+    """Shared by every replica: signs requests forwarded between replicas (instead of the client's key) and
+    image URLs. Required with keys and ``replica_url``; without it one is made and kept in the state dir."""
+
+    image_url_ttl_s: int = Field(default=3600, ge=60, le=7 * 86_400)
+    """With keys: how long the signed image URLs in answers stay valid (the owner's key works any time)."""
 
     cache: bool = True
     """Serve identical requests (same parameters and seed) from the result cache."""

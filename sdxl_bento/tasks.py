@@ -1,10 +1,13 @@
-"""What BentoML's task routes lack: real cancellation and progress.
+"""The task routes, answered from the journal: status, result, cancellation and progress of every task.
 
-BentoML's local server keeps task state in SQLite and, on ``PUT /<task>/cancel``, only marks the
-row cancelled while the work runs on (see NOTES). ``TaskControl`` is an ASGI middleware that
-answers cancel itself, stopping the scheduler job at its next denoising step, and adds queue
-position, step progress and an ETA to ``GET /<task>/status``. The ``TaskRegistry`` links BentoML
-task ids to scheduler jobs; it lives in the worker process that runs the tasks.
+BentoML's local server keeps task state in ``$BENTOML_HOME/task_result.db``, which ``bentoml serve``
+re-creates at every start, and on ``PUT /<task>/cancel`` only marks the row cancelled while the work runs
+on (see NOTES). So the journal (``journal.py``, in the state folder) is the one record of a task: its
+owner, state, reason and, once it ended, its answer. ``TaskControl``, an ASGI middleware behind the
+gateway, lets BentoML create and run tasks (``submit``, ``retry``) and answers ``status``, ``get`` and
+``cancel`` itself, the same before and after a restart; BentoML's table is only its runner's. The
+``TaskRegistry`` links task ids to the scheduler jobs running them, in the worker that runs them, for
+real cancellation and progress.
 """
 
 from __future__ import annotations
@@ -12,36 +15,49 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs
 
+from starlette.datastructures import QueryParams
+from starlette.responses import JSONResponse
+
+from .errors import Conflict, Gone, NotFound, ServiceError
 from .journal import TaskJournal, TaskRecord
+from .policy import may_use, owner_of
 from .replicas import TaskDirectory
 from .scheduler import Job, JobState, Scheduler
+from .signing import Signer
 
 logger = logging.getLogger(__name__)
+
+LOST = ("restart", "shutdown")
+"""Reasons of tasks that were running when the service stopped."""
 
 
 class TaskCancelled(BaseException):
     """Raised by a cancelled task's handler. It passes BentoML's task runner (which catches only
-    ``Exception``), so no result is written and BentoML's row keeps the status ``canceled``;
-    ``TaskControl`` catches it around the submit request that ran the task."""
+    ``Exception``), so BentoML writes no result; the journal records the cancellation."""
 
 
 @dataclass
 class _Entry:
     jobs: list[Job] = field(default_factory=list)
     cancelled: bool = False
-    ended: str | None = None
 
 
 class TaskRegistry:
+    """Running tasks of this worker and their scheduler jobs; an entry goes when its task ends."""
+
     def __init__(self, journal: TaskJournal | None = None) -> None:
         self.journal = journal
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
         self.scheduler: Scheduler | None = None
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
 
     def submitted(self, task_id: str) -> None:
         with self._lock:
@@ -57,34 +73,35 @@ class TaskRegistry:
             for job in jobs:
                 self.scheduler.cancel(job)
 
-    def is_cancelled(self, task_id: str) -> bool:
+    def ended(self, task_id: str, status: str, reason: str | None = None, *, result: Any = None,
+              error: Any = None, http_status: int | None = None) -> None:
+        """Record the task's end in the journal (with its answer) and forget its jobs."""
         with self._lock:
-            entry = self._entries.get(task_id)
-            return bool(entry and entry.cancelled)
-
-    def ended(self, task_id: str, status: str, reason: str | None = None) -> None:
-        with self._lock:
-            if task_id in self._entries:
-                self._entries[task_id].ended = status
+            self._entries.pop(task_id, None)
         if self.journal is not None:
-            self.journal.finished(task_id, status, reason)
+            self.journal.finished(task_id, status, reason, result=None if result is None else json.dumps(result),
+                                  error=None if error is None else json.dumps(error), http_status=http_status)
 
     def cancel(self, task_id: str) -> str:
-        """``cancelled``, ``ended:<status>`` or ``unknown``."""
+        """Stop a task running here at its next denoising step: ``cancelled``; ``ended`` when its work had
+        already finished (its answer is being stored); ``elsewhere`` when it does not run here."""
         with self._lock:
             entry = self._entries.get(task_id)
             if entry is None:
-                return "unknown"
-            if entry.ended is not None:
-                return f"ended:{entry.ended}"
-            entry.cancelled = True
+                return "elsewhere"
             jobs = list(entry.jobs)
+            if jobs and all(job.future.done() for job in jobs):
+                return "ended"
+            entry.cancelled = True
         if self.scheduler is not None:
             for job in jobs:
                 self.scheduler.cancel(job)
+        if self.journal is not None:  # answered at once; the handler's own record of it comes later
+            self.journal.finished(task_id, "canceled", "cancelled")
         return "cancelled"
 
     def progress(self, task_id: str) -> dict[str, Any] | None:
+        """Queue position, step and ETA of a task running here; None when it does not run here."""
         with self._lock:
             entry = self._entries.get(task_id)
             if entry is None:
@@ -108,37 +125,47 @@ class TaskRegistry:
         return info
 
 
-def _caller(scope: dict[str, Any]) -> str | None:
-    """The API key's name set by the gateway; None when the service runs without keys."""
-    principal = scope.get("state", {}).get("principal")
-    return None if principal is None or principal.tier.name == "open" else principal.name
+def status_body(record: TaskRecord) -> dict[str, Any]:
+    """``GET /<task>/status``: BentoML's fields, and the reason of a failure or cancellation."""
+    body: dict[str, Any] = {"task_id": record.task_id, "status": record.status,
+                            "created_at": _iso(record.created), "executed_at": _iso(record.created),
+                            "completed_at": None if record.status == "in_progress" else _iso(record.updated)}
+    if record.reason is not None:
+        body["reason"] = record.reason
+    if record.reason in LOST:
+        body["message"] = _lost_message(record)
+    return body
 
 
-async def _not_found(task_id: str, scope, receive, send) -> None:
-    await _json_response(404, {"error": {"type": "not_found", "message": f"no task {task_id}"}})(scope, receive, send)
+def _iso(timestamp: float) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat()
 
 
-def _json_response(status: int, body: dict[str, Any]):
-    from starlette.responses import JSONResponse
-
-    return JSONResponse(body, status_code=status)
+def _lost_message(record: TaskRecord) -> str:
+    how = "restarted" if record.reason == "restart" else "shut down"
+    return f"task {record.task_id} did not finish: the service {how} first; submit it again"
 
 
 class TaskControl:
-    """ASGI middleware for the task routes: submit, status, get, cancel.
+    """ASGI middleware for the task routes (behind the gateway, which has authenticated the caller).
 
-    It records each accepted task in the journal with its owner (the API key's name, when keys are
-    in use: a key sees and cancels only its own tasks; others get 404, as for an unknown id).
+    With keys, a task belongs to the key that submitted it: another key gets 404, as for an unknown id
+    (an operator key sees every task).
     """
 
-    def __init__(self, app: Any, registry: TaskRegistry, journal: TaskJournal,
-                 task_routes: tuple[str, ...], directory: TaskDirectory | None = None) -> None:
+    def __init__(self, app: Any, registry: TaskRegistry, journal: TaskJournal, task_routes: tuple[str, ...],
+                 directory: TaskDirectory | None = None, signer: Signer | None = None) -> None:
         self.app = app
         self.registry = registry
         self.journal = journal
         self.routes = task_routes
         self.directory = directory
         """With several replicas: who owns which task, so any replica can answer for it."""
+        self.signer = signer
+        self.started = time.time()
+        """Tasks created before this process have no stored request in BentoML's table (it was re-created)."""
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -147,82 +174,90 @@ class TaskControl:
         route, _, action = path.rpartition("/")
         if route not in self.routes:
             return await self.app(scope, receive, send)
-        task_id = parse_qs(scope.get("query_string", b"").decode()).get("task_id", [""])[0]
-        caller = _caller(scope)
-        if action in ("submit", "retry") and method == "POST":
-            if action == "retry" and not self._visible(task_id, caller):
-                return await _not_found(task_id, scope, receive, send)
-            return await self._rewrite(scope, receive, send, lambda body: self._on_submit(body, caller, scope))
-        if not task_id or action not in ("cancel", "get", "status"):
-            return await self.app(scope, receive, send)
-        if self.directory is not None and self.journal.get(task_id) is None:
-            owner = self.directory.owner(task_id)
-            if owner is not None:
-                return await self.directory.forward(owner, scope, receive, send)
-        if not self._visible(task_id, caller):
-            return await _not_found(task_id, scope, receive, send)
-        record = self.journal.get(task_id)
-        if action == "cancel" and method == "PUT":
-            return await self._cancel(scope, receive, send, task_id)
-        if action == "get" and method == "GET" and self.registry.is_cancelled(task_id):
-            response = _json_response(409, {"error": {"type": "cancelled", "message": f"task {task_id} was cancelled"}})
-            return await response(scope, receive, send)
-        if record is not None and record.reason in ("restart", "shutdown"):
-            return await self._lost(action, record, scope, receive, send)
-        if action == "status" and method == "GET":
-            return await self._rewrite(scope, receive, send, lambda body: self._on_status(task_id, body))
-        return await self.app(scope, receive, send)
+        task_id = QueryParams(scope.get("query_string", b"")).get("task_id", "")
+        principal = scope.get("state", {}).get("principal")
+        try:
+            if action == "submit" and method == "POST":
+                return await self._rewrite(scope, receive, send, lambda body: self._on_submit(body, scope))
+            if not task_id or (action, method) not in (("status", "GET"), ("get", "GET"), ("cancel", "PUT"),
+                                                       ("retry", "POST")):
+                return await self.app(scope, receive, send)
+            record = self.journal.get(task_id)
+            if record is None and self.directory is not None:
+                owner = self.directory.owner(task_id)
+                if owner is not None:
+                    return await self._forward(owner, scope, receive, send, principal)
+            if record is None or principal is None or not may_use(principal, record.owner):
+                raise NotFound(f"no task {task_id}")
+            if action == "retry":
+                if record.created < self.started:
+                    raise Gone(f"task {task_id} was submitted before the service restarted; its request is not "
+                               "kept: submit it again", reason="restart")
+                return await self._rewrite(scope, receive, send, lambda body: self._on_submit(body, scope))
+            if action == "cancel":
+                return await self._cancel(scope, receive, send, record)
+            if action == "status":
+                return await _json(200, self._status(record))(scope, receive, send)
+            return await self._result(record)(scope, receive, send)
+        except ServiceError as exc:
+            await _json(exc.status, exc.body(), exc.headers())(scope, receive, send)
 
-    def _visible(self, task_id: str, caller: str | None) -> bool:
-        """Open service: every task. With keys: only the caller's own."""
-        if caller is None:
-            return True
-        record = self.journal.get(task_id)
-        return record is not None and record.owner == caller
+    # -- answers from the journal -----------------------------------------------------------------
+    def _status(self, record: TaskRecord) -> dict[str, Any]:
+        body = status_body(record)
+        if record.status == "in_progress":
+            body.update(self.registry.progress(record.task_id) or {})
+        return body
 
-    async def _lost(self, action: str, record: TaskRecord, scope, receive, send) -> None:
-        """A task the service was running when it stopped: BentoML has forgotten it, the journal has not."""
-        how = "restarted" if record.reason == "restart" else "shut down"
-        message = f"task {record.task_id} did not finish: the service {how} first; submit it again"
-        if action == "status":
-            response = _json_response(200, {"task_id": record.task_id, "status": "failed", "reason": record.reason,
-                                             "message": message})
-        else:
-            response = _json_response(410, {"error": {"type": record.reason, "message": message}})
-        await response(scope, receive, send)
+    def _result(self, record: TaskRecord) -> JSONResponse:
+        """``GET /<task>/get``: the task's answer as it was, whenever it is asked."""
+        if record.status == "in_progress":
+            return _json(400, {"error": {"type": "not_completed",
+                                         "message": f"task {record.task_id} is not completed yet"}})
+        if record.status == "canceled":
+            return _json(409, {"error": {"type": "cancelled", "message": f"task {record.task_id} was cancelled"}})
+        if record.reason in LOST:
+            return _json(410, {"error": {"type": record.reason, "message": _lost_message(record)}})
+        if record.status == "completed" and record.result is not None:
+            return _json(record.http_status or 200, json.loads(record.result))
+        if record.error is not None:
+            return _json(record.http_status or 500, json.loads(record.error))
+        return _json(500, {"error": {"type": record.reason or "error",
+                                     "message": f"task {record.task_id} failed ({record.reason or 'error'})"}})
 
-    async def _cancel(self, scope, receive, send, task_id: str) -> None:
-        outcome = self.registry.cancel(task_id)
-        record = self.journal.get(task_id)
-        if outcome == "unknown" and record is not None and record.status != "in_progress":
-            outcome = f"ended:{record.status}"
-        if outcome == "unknown":
-            response = _json_response(404, {"error": {"type": "not_found", "message": f"no task {task_id}"}})
-        elif outcome.startswith("ended:"):
-            status = outcome.split(":", 1)[1]
-            response = _json_response(409, {"error": {"type": "conflict",
-                                                      "message": f"task {task_id} has already ended ({status})"}})
-        else:
-            # Let BentoML mark its row cancelled, then answer for it: the work really stops.
-            await self.app(scope, receive, _discard)
-            response = _json_response(200, {"task_id": task_id, "status": "canceled"})
-        await response(scope, receive, send)
+    async def _cancel(self, scope, receive, send, record: TaskRecord) -> None:
+        if record.status != "in_progress":
+            raise Conflict(f"task {record.task_id} has already ended ({record.status})")
+        outcome = self.registry.cancel(record.task_id)
+        if outcome != "cancelled":
+            now = self.journal.get(record.task_id)
+            if outcome == "ended" or (now is not None and now.status != "in_progress"):  # it ended meanwhile
+                raise Conflict(f"task {record.task_id} has already ended ({now.status if now else 'completed'})")
+            raise NotFound(f"task {record.task_id} is not running in this worker; cancel it where it runs")
+        # BentoML marks its row cancelled; the answer is ours, since the work really stops.
+        await self.app(scope, receive, _discard)
+        await _json(200, {"task_id": record.task_id, "status": "canceled"})(scope, receive, send)
 
-    def _on_submit(self, body: dict[str, Any], caller: str | None, scope: dict[str, Any]) -> dict[str, Any]:
+    def _on_submit(self, body: dict[str, Any], scope: dict[str, Any]) -> dict[str, Any]:
         if isinstance(body, dict) and "task_id" in body:
+            state = scope.setdefault("state", {})
+            admission = state.get("admission")
             self.registry.submitted(body["task_id"])
-            self.journal.accepted(body["task_id"], caller)
+            self.journal.accepted(body["task_id"], owner_of(state["principal"]),
+                                  cost_images=admission.images if admission is not None else 1)
             if self.directory is not None:
                 self.directory.announce(body["task_id"])
-            scope.setdefault("state", {}).setdefault("audit", {})["task_id"] = body["task_id"]
+            state.setdefault("audit", {})["task_id"] = body["task_id"]
         return body
 
-    def _on_status(self, task_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        if isinstance(body, dict) and body.get("status") == "in_progress":
-            progress = self.registry.progress(task_id)
-            if progress is not None:
-                body.update(progress)
-        return body
+    async def _forward(self, owner: str, scope, receive, send, principal: Any) -> None:
+        """The owner replica answers; the caller is named in signed headers, never by the client's key."""
+        headers = {}
+        if self.signer is not None and principal is not None:
+            headers = self.signer.forward_headers("" if principal.anonymous else principal.name, scope["method"],
+                                                  scope["path"].rstrip("/") or "/",
+                                                  scope.get("query_string", b"").decode("latin-1"))
+        await self.directory.forward(owner, scope, receive, send, headers=headers)  # type: ignore[union-attr]
 
     async def _rewrite(self, scope, receive, send, edit) -> None:
         """Pass the request on, then edit a JSON body of a 200 answer."""
@@ -255,6 +290,10 @@ class TaskControl:
         headers.append((b"content-length", str(len(body)).encode()))
         await send({**start, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def _discard(message: dict[str, Any]) -> None:

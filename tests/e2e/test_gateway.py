@@ -43,10 +43,16 @@ def keys(tmp_path_factory):
     path.write_text(yaml.safe_dump({"tiers": TIERS, "keys": []}))
     made = {}
     for name, tier in [("alice", "free"), ("bob", "free"), ("carol", "free"), ("dave", "free"),
-                       ("limited", "standard"), ("shared", "standard"), ("boss", "premium"), ("vip", "premium")]:
+                       ("limited", "standard"), ("shared", "standard"), ("boss", "premium"), ("vip", "premium"),
+                       ("solo", "premium")]:
         out = subprocess.run([sys.executable, "-m", "sdxl_bento.cli", "keys", "add", name, "--tier", tier,
                               "--file", str(path)], capture_output=True, text=True, check=True)
         made[name] = out.stdout.strip().splitlines()[-1]
+    data = yaml.safe_load(path.read_text())
+    for entry in data["keys"]:
+        if entry["name"] == "solo":  # one request at a time, whichever replica it reaches
+            entry["overrides"] = {"max_concurrent_jobs": 1}
+    path.write_text(yaml.safe_dump(data))
     text = path.read_text()
     assert all(key not in text for key in made.values())
     return path, made
@@ -60,7 +66,7 @@ def servers(bentoml_home, redis_url, keys, tmp_path_factory):
         root = tmp_path_factory.mktemp(f"gateway-{name}")
         env = service_env(private_home(bentoml_home, root), root / "images", keys_file=keys[0],
                           redis_url=redis_url[0], concurrency=1, max_concurrency=16, timeout=60,
-                          audit_log=root / "audit.jsonl")
+                          audit_log=root / "audit.jsonl", internal_secret="replicas-share-this-secret-0123")
         started.append(Server(env, root / "server.log", replica=True))
     try:
         for srv in started:
@@ -262,15 +268,32 @@ def test_a_task_is_reachable_through_any_replica(servers, keys):
     assert _wait_done(b, boss, slow)["status"] == "canceled"
 
 
+def test_the_concurrent_jobs_cap_holds_across_replicas(servers, keys):
+    """The cap lives in Redis: a key's second request is refused by the other replica while the first runs."""
+    a, b = servers
+    solo = keys[1]["solo"]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        long = pool.submit(httpx.post, f"{a.url}/generate", json={"prompt": "long", "width": 512, "height": 512,
+                                                                  "steps": 60}, headers=auth(solo), timeout=120)
+        time.sleep(1.5)
+        second = httpx.post(f"{b.url}/generate", json={"prompt": "second", **CHEAP}, headers=auth(solo), timeout=60)
+        assert second.status_code == 429 and "1 requests in progress" in second.text and second.headers["retry-after"]
+        assert long.result().status_code == 200
+    assert httpx.post(f"{b.url}/generate", json={"prompt": "after", **CHEAP}, headers=auth(solo),
+                      timeout=60).status_code == 200  # the slot came free when the first ended
+
+
 def test_redis_going_away_does_not_stop_the_service(servers, keys, redis_url):
     """Last in this module: it kills the module's Redis."""
     a = servers[0]
+    failures = _metric(a, "sdxl_ratelimit_redis_failures_total")
     redis_url[1].kill()
     redis_url[1].wait()
     r = httpx.post(f"{a.url}/generate", json={"prompt": "no redis", "seed": 7, **CHEAP}, headers=auth(keys[1]["boss"]),
                    timeout=60)
     assert r.status_code == 200
     assert _metric(a, "sdxl_ratelimit_redis_degraded") == 1
+    assert _metric(a, "sdxl_ratelimit_redis_failures_total") > failures  # counted, not only flagged
 
 
 def test_tasks_left_unfinished_by_a_crash_are_failed_with_reason_restart(bentoml_home, tmp_path):

@@ -216,15 +216,10 @@ def test_tasks_with_the_async_client(server):
     assert asyncio.run(run())["images"][0]["seed"] == 4
 
 
-def test_bad_task_input_fails_the_task_with_a_reason(http):
-    task_id = http.post("/jobs/submit", json={"prompt": "x", "steps": 0}).json()["task_id"]
-    for _ in range(50):
-        status = http.get("/jobs/status", params={"task_id": task_id}).json()["status"]
-        if status != "in_progress":
-            break
-        time.sleep(0.1)
-    assert status == "failed"
-    assert "greater than or equal to 1" in http.get("/jobs/get", params={"task_id": task_id}).text
+def test_bad_task_input_is_refused_before_a_task_exists(http):
+    r = http.post("/jobs/submit", json={"prompt": "x", "steps": 0})
+    assert r.status_code == 400 and "task_id" not in r.json()
+    assert r.json()["error"]["message"].startswith("steps: ") and "greater than or equal to 1" in r.text
 
 
 def test_burst_beyond_max_concurrency_gets_200_or_503_only(server):

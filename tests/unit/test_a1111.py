@@ -120,14 +120,6 @@ def test_txt2img_answer_is_shaped_as_a1111():
     assert a1111.to_a1111_response(quiet, a1111.to_generate_request(quiet), images, "m")["images"] == []
 
 
-def test_demand_fields_for_the_gateway():
-    assert a1111.demand_fields({"width": 512, "height": 768, "steps": 20, "batch_size": 2, "n_iter": 3}) == {
-        "width": 512, "height": 768, "steps": 20, "num_images": 6, "refine": "none"}
-    assert a1111.demand_fields({"refiner_checkpoint": "r"})["refine"] == "ensemble"
-    assert a1111.demand_fields({"refiner_checkpoint": "r", "refiner_switch_at": 1})["refine"] == "none"
-    assert a1111.demand_fields({"width": "x", "batch_size": None})["width"] == 1024
-
-
 # -- progress / interrupt against a real scheduler ------------------------------------------------
 class HeldEngine:
     """Steps only when told to, so the test sees a batch mid-way."""

@@ -1,5 +1,7 @@
-"""The audit log: valid JSON lines, hashed prompts, size rotation, no lost or mixed lines under threads."""
+"""The audit log: valid JSON lines, hashed prompts, what may reach the file (allow-lists, caps), size rotation,
+no lost or mixed lines under threads."""
 
+import base64
 import hashlib
 import json
 import logging
@@ -9,7 +11,9 @@ import threading
 
 import pytest
 
-from sdxl_bento.audit import AuditLog
+from sdxl_bento.audit import FIELDS as AUDIT_FIELDS
+from sdxl_bento.audit import PARAMETERS, AuditLog
+from sdxl_bento.schemas import GenerateRequest, InpaintRequest, RefineRequest, Scheduler
 
 FIELDS = {"key_name": "marketing", "tier": "standard", "endpoint": "/txt2img", "prompt": "a red fox\nin snow",
           "negative_prompt": "blurry", "parameters": {"seed": 42, "steps": 30, "width": 1024}, "model": "sdxl-base:v1",
@@ -53,11 +57,99 @@ def test_odd_values_still_give_valid_json(tmp_path, capsys):
     path = tmp_path / "audit.log"
     log = AuditLog(path, stdout=True)
     log.record(request_id=object.__new__(type("Id", (), {"__str__": lambda self: "id-1"})),
-               queue_s=float("nan"), parameters={"gpu_s": [float("inf")]}, path=tmp_path)
+               queue_s=float("nan"), parameters={"seeds": [float("inf"), 7], "scheduler": Scheduler.euler_a},
+               model=tmp_path, prompt="lone \ud800 surrogate")
     log.close()
     (line,) = _lines(path)
-    assert line["request_id"] == "id-1" and line["queue_s"] is None and line["parameters"] == {"gpu_s": [None]}
+    assert line["request_id"] == "id-1" and line["queue_s"] is None
+    assert line["parameters"] == {"seeds": [None, 7], "scheduler": "euler_a"} and line["model"] == str(tmp_path)
+    assert line["prompt"] == "lone \ud800 surrogate"  # written as its JSON escape: the file stays UTF-8
     assert json.loads(capsys.readouterr().out) == line
+
+
+def test_only_known_fields_are_written(tmp_path):
+    path = tmp_path / "audit.log"
+    with AuditLog(path) as log:
+        log.record(**FIELDS, time="1970-01-01", headers={"authorization": "Bearer sk-sdxl-secret"}, body=b"{}",
+                   api_key="sk-sdxl-secret", path=tmp_path, task_id="t-1", message="boom", duration_s=0.5,
+                   items=None, seeds=[1, 2], finish_reasons=["success"])
+    (line,) = _lines(path)
+    assert set(line) == {"time", *FIELDS, "task_id", "message", "duration_s", "items", "seeds", "finish_reasons"}
+    assert set(line) - {"time"} <= AUDIT_FIELDS and line["time"] != "1970-01-01"
+    assert "sk-sdxl-secret" not in path.read_text()
+
+
+def test_parameters_keep_settings_never_uploads(tmp_path):
+    """A 16 MB base64 image, in every place a request can carry one, stays out of the file."""
+    upload = base64.b64encode(b"\x89PNG" + bytes(12 * 2**20)).decode()
+    assert len(upload) > 16_000_000
+    path = tmp_path / "audit.log"
+    params = {"width": 1024, "steps": 30, "seed": 7, "loras": [{"name": "ink", "weight": 0.5}],
+              "image": upload, "mask": upload, "init_images": [upload], "alwayson_scripts": {"x": {"args": [upload]}},
+              "override_settings": {"sd_model_checkpoint": upload}, "prompt": "hidden", "hr_prompt": "hidden",
+              "model": upload, "user": "end-user-1", "cfg_scale": 7.0, "sampler_name": "Euler a",
+              "denoising_strength": 0.5}
+    with AuditLog(path, prompts="hash") as log:
+        log.record(endpoint="/img2img", parameters=params,
+                   items=[{"prompt": "p", "parameters": {**params, "num_images": 2}}])
+    assert path.stat().st_size < 4000
+    (line,) = _lines(path)
+    kept = line["parameters"]
+    assert set(kept) == {"width", "steps", "seed", "loras", "model", "user", "cfg_scale", "sampler_name",
+                         "denoising_strength"}
+    assert kept["loras"] == [{"name": "ink", "weight": 0.5}] and kept["user"] == "end-user-1"
+    assert kept["model"] == upload[:200] + f"…[truncated, {len(upload)} chars]"
+    assert line["items"][0]["parameters"] == {**kept, "num_images": 2}
+    assert "hidden" not in path.read_text()
+
+
+def test_parameter_names_cover_the_request_models():
+    """Every settings field of the request schemas is kept; their uploads and prompts are not."""
+    fields = set(GenerateRequest.model_fields) | set(InpaintRequest.model_fields) | set(RefineRequest.model_fields)
+    assert fields - PARAMETERS == {"prompt", "negative_prompt", "image", "mask"}
+    assert not {"image", "mask", "init_images", "prompt", "negative_prompt", "hr_prompt"} & PARAMETERS
+
+
+def test_batch_items_are_policed_like_the_request(tmp_path):
+    path = tmp_path / "audit.log"
+    items = [{"prompt": "a red fox", "negative_prompt": "blurry", "parameters": {"steps": 20, "image": "AAAA"},
+              "seeds": [3], "outcome": "ok", "secret": "x"},
+             {"prompt": "a blue whale", "parameters": {"width": 512}, "outcome": "error", "reason": "timeout"},
+             "not a dict"]
+    for mode in ("plain", "hash"):
+        with AuditLog(path, prompts=mode) as log:
+            log.record(endpoint="/generate_batch", items=items)
+    plain, hashed = _lines(path)
+    assert plain["items"] == [
+        {"prompt": "a red fox", "negative_prompt": "blurry", "parameters": {"steps": 20}, "seeds": [3],
+         "outcome": "ok"},
+        {"prompt": "a blue whale", "parameters": {"width": 512}, "outcome": "error", "reason": "timeout"}, {}]
+    sha = lambda text: hashlib.sha256(text.encode()).hexdigest()  # noqa: E731
+    assert hashed["items"][0] == {"prompt_sha256": sha("a red fox"), "negative_prompt_sha256": sha("blurry"),
+                                  "parameters": {"steps": 20}, "seeds": [3], "outcome": "ok"}
+    assert hashed["items"][1]["prompt_sha256"] == sha("a blue whale")
+    text = path.read_text().split("\n")[1]
+    assert "fox" not in text and "whale" not in text and "blurry" not in text
+
+
+def test_caps(tmp_path):
+    path = tmp_path / "audit.log"
+    with AuditLog(path) as log:
+        log.record(request_id="req\n{\"outcome\":\"ok\"}\x1b[31m" + "x" * 500, reason="r" * 5000,
+                   message="m" * 5000, model="q" * 300, prompt="p" * 20_000, image_ids=[f"id{i}" for i in range(1000)],
+                   parameters={"loras": [[[[[["sentinel"]]]]]], "size": "1" * 250},
+                   items=[{"prompt": "p"}] * 300)
+    (line,) = _lines(path)
+    assert line["request_id"] == ('req{"outcome":"ok"}[31m' + "x" * 500)[:128]
+    assert len(line["request_id"]) == 128 and line["request_id"].isprintable()
+    assert line["reason"] == "r" * 1000 + "…[truncated, 5000 chars]"
+    assert line["message"].startswith("m" * 1000 + "…")
+    assert line["model"] == "q" * 200 + "…[truncated, 300 chars]"
+    assert line["prompt"] == "p" * 10_000 + "…[truncated, 20000 chars]"
+    assert len(line["image_ids"]) == 257 and line["image_ids"][-1] == "…[truncated, 1000 items]"
+    assert line["parameters"]["size"].endswith("…[truncated, 250 chars]")
+    assert line["parameters"]["loras"] == [[[["…[truncated, nested too deep]"]]]]
+    assert len(line["items"]) == 257 and line["items"][-1] == "…[truncated, 300 items]"
 
 
 def test_rotation_at_max_bytes_keeps_backups(tmp_path):

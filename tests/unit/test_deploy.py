@@ -3,7 +3,10 @@
 Checked by configuration only (no cluster, no GPU, no systemd running):
 - the Kustomize base and production overlay render (``kubectl kustomize`` where installed, else the small
   renderer below, which is checked against kubectl where both exist), every object validates against the
-  Kubernetes JSON schemas (``kubernetes-validate``, offline, strict), and the properties that matter hold;
+  Kubernetes JSON schemas (``kubernetes-validate``, offline, strict), and the properties that matter hold:
+  no Secret rendered (the operator's is never overwritten), Redis behind a password from that Secret and a
+  NetworkPolicy, a read-only root with a volume for every path written at run time, a grace period that
+  covers the preStop sleep and the service's own grace;
 - the systemd units pass ``systemd-analyze verify`` (where installed) and carry the keys that matter;
 - BentoML 1.4.39's own serving code, given two fake GPUs, shows what each worker gets.
 """
@@ -17,7 +20,8 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -26,6 +30,10 @@ REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 K8S_VERSIONS = ("1.29.0", "1.33.0")  # oldest and newest minor versions the manifests are meant for
+SECRET_EXAMPLE = K8S / "secret.example.yaml"  # the keys of the Secret the operator creates; never applied
+SECRET_NAME = "sdxl-bento-secrets"
+SECRET_KEYS = {"keys.yaml", "SDXL_BENTO_REDIS_URL", "REDIS_PASSWORD", "SDXL_BENTO_INTERNAL_SECRET"}
+EXIT_MARGIN_S = 30  # after the service's grace: fail what is left, journal it, stop the worker, exit
 
 
 # -- Kustomize ----------------------------------------------------------------------------------
@@ -167,11 +175,13 @@ def test_deployment_probes_gpu_and_resources(rendered):
     assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"] == 1
     assert {"cpu", "memory"} <= set(res["requests"]) and "memory" in res["limits"]
     assert pod["securityContext"]["runAsUser"] == 1034  # the bentoml user of the image
-    # graceful shutdown fits: preStop sleep + the service's own grace < the pod's grace period
     config = objs["ConfigMap", "sdxl-bento-config"]["data"]
-    pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
-    assert pre_stop + float(config["SDXL_BENTO_SHUTDOWN_GRACE_S"]) + 10 <= pod["terminationGracePeriodSeconds"]
     assert config["SDXL_BENTO_WORKERS"] == "1"  # one worker per pod, one GPU per pod
+
+
+def _secret_example() -> dict:
+    (secret,) = [d for d in yaml.safe_load_all(SECRET_EXAMPLE.read_text()) if d]
+    return secret
 
 
 def test_settings_come_from_the_configmap_and_the_secret(rendered):
@@ -181,14 +191,16 @@ def test_settings_come_from_the_configmap_and_the_secret(rendered):
     _, objs = rendered
     (c,) = objs["Deployment", "sdxl-bento"]["spec"]["template"]["spec"]["containers"]
     config = objs["ConfigMap", "sdxl-bento-config"]
-    secret = objs["Secret", "sdxl-bento-secrets"]
+    secret = _secret_example()
     assert c["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}]
-    (redis_env,) = [e for e in c["env"] if e["name"] == "SDXL_BENTO_REDIS_URL"]
-    ref = redis_env["valueFrom"]["secretKeyRef"]
-    assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
-    # every setting is one the service knows, with a value it accepts
+    from_secret = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]
+                   if "secretKeyRef" in e.get("valueFrom", {})}
+    assert set(from_secret) == {"SDXL_BENTO_REDIS_URL", "SDXL_BENTO_INTERNAL_SECRET"}
+    for ref in from_secret.values():
+        assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+    # every setting is one the service knows, with a value it accepts (the Secret's as in the example)
     env = {**config["data"], **{e["name"]: e["value"] for e in c["env"] if "value" in e}}
-    env["SDXL_BENTO_REDIS_URL"] = secret["stringData"]["SDXL_BENTO_REDIS_URL"]
+    env.update({name: secret["stringData"][ref["key"]] for name, ref in from_secret.items()})
     fields = {k.removeprefix("SDXL_BENTO_").lower(): v for k, v in env.items() if k.startswith("SDXL_BENTO_")}
     assert set(fields) <= set(Settings.model_fields), set(fields) - set(Settings.model_fields)
     settings = Settings(_env_file=None, **fields)
@@ -204,10 +216,13 @@ def test_settings_come_from_the_configmap_and_the_secret(rendered):
     keys_volume = volumes[mounts[str(settings.keys_file.parent)]["name"]]["secret"]
     assert keys_volume["secretName"] == secret["metadata"]["name"]
     assert [i["path"] for i in keys_volume["items"]] == [settings.keys_file.name]
-    # Redis: the URL names the Redis Service and its port
+    # Redis: the URL names the Redis Service and its port, with Redis's password
     redis_svc = objs["Service", "sdxl-bento-redis"]
-    host, port = re.match(r"redis://([^:/]+):(\d+)/", settings.redis()).groups()
-    assert host == redis_svc["metadata"]["name"] and int(port) == redis_svc["spec"]["ports"][0]["port"]
+    url = urlsplit(settings.redis())
+    assert url.scheme == "redis" and url.path == "/0"
+    assert url.hostname == redis_svc["metadata"]["name"] and url.port == redis_svc["spec"]["ports"][0]["port"]
+    assert url.password == secret["stringData"]["REDIS_PASSWORD"] and not url.username
+    assert settings.internal_secret is not None
 
 
 def _selects(selector: dict, labels: dict) -> bool:
@@ -266,6 +281,293 @@ def test_production_overlay_changes_what_it_should():
     assert all(p["spec"]["storageClassName"] for k, p in prod.items() if k[0] == "PersistentVolumeClaim")
 
 
+# -- the Secret, Redis's password, network policies ---------------------------------------------
+
+def _pod_specs(objs: dict) -> dict[str, dict]:
+    return {name: o["spec"]["template"]["spec"] for (kind, name), o in objs.items() if kind == "Deployment"}
+
+
+def test_no_secret_is_rendered_so_apply_never_overwrites_the_operators(rendered):
+    _, objs = rendered
+    assert not [key for key in objs if key[0] == "Secret"]
+    # the example is outside every kustomization
+    for kustomization in K8S.rglob("kustomization.yaml"):
+        k = yaml.safe_load(kustomization.read_text())
+        listed = [(kustomization.parent / r).resolve() for r in k.get("resources", [])]
+        assert SECRET_EXAMPLE.resolve() not in listed and not k.get("secretGenerator"), kustomization
+
+
+def test_the_secret_example_holds_every_key_the_pods_read(rendered):
+    _, objs = rendered
+    secret = _secret_example()
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    kubernetes_validate.validate(secret, K8S_VERSIONS[-1], strict=True)
+    assert secret["metadata"]["name"] == SECRET_NAME and set(secret["stringData"]) == SECRET_KEYS
+    data = secret["stringData"]
+    assert urlsplit(data["SDXL_BENTO_REDIS_URL"]).password == data["REDIS_PASSWORD"]
+    assert len(data["SDXL_BENTO_INTERNAL_SECRET"]) >= 16  # the service refuses a shorter one
+    read = set()
+    for pod in _pod_specs(objs).values():
+        for c in pod["containers"]:
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref is not None:
+                    assert ref["name"] == SECRET_NAME and not ref.get("optional"), e
+                    read.add(ref["key"])
+                # nothing secret is ever written into a manifest
+                assert not ("value" in e and re.search(r"PASSWORD|SECRET|REDIS_URL|AUTH", e["name"])), e
+            assert not [f for f in c.get("envFrom", []) if "secretRef" in f]  # only named keys
+        for v in pod.get("volumes", []):
+            if "secret" in v:
+                assert v["secret"]["secretName"] == SECRET_NAME
+                read |= {i["key"] for i in v["secret"]["items"]}
+    assert read == SECRET_KEYS  # every key is used, none is missing
+
+
+def _expand(value: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion in args and env values."""
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m[1], m[0]), value)
+
+
+def _container_env(c: dict, secret: dict) -> dict[str, str]:
+    env = {}
+    for e in c.get("env", []):
+        if "value" in e:
+            env[e["name"]] = _expand(e["value"], env)
+        elif "secretKeyRef" in e.get("valueFrom", {}):
+            env[e["name"]] = secret["stringData"][e["valueFrom"]["secretKeyRef"]["key"]]
+    return env
+
+
+def test_redis_requires_the_password_from_the_secret(rendered, tmp_path):
+    _, objs = rendered
+    secret = _secret_example()
+    (c,) = objs["Deployment", "sdxl-bento-redis"]["spec"]["template"]["spec"]["containers"]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]}
+    assert refs["REDIS_PASSWORD"] == {"name": SECRET_NAME, "key": "REDIS_PASSWORD"}
+    assert refs["REDISCLI_AUTH"] == refs["REDIS_PASSWORD"]  # the probe's redis-cli authenticates
+    args = c["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"  # expanded by Kubernetes, not a literal
+    env = _container_env(c, secret)
+    expanded = [_expand(a, env) for a in args]
+    assert expanded[args.index("--requirepass") + 1] == secret["stringData"]["REDIS_PASSWORD"]
+    probe = c["readinessProbe"]["exec"]["command"]
+    assert "redis-cli ping" in probe[-1] and "PONG" in probe[-1]  # redis-cli exits 0 on NOAUTH as well
+    server = shutil.which("redis-server")
+    if server is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server is not installed: checked the manifest only")
+    # the rendered arguments on a real Redis: no password, no entry; the service's URL and the probe get in
+    import socket
+    import time
+
+    import redis as redis_mod
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([server, *expanded, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = urlsplit(secret["stringData"]["SDXL_BENTO_REDIS_URL"])
+        url = url._replace(netloc=f":{url.password}@127.0.0.1:{port}").geturl()
+        client = redis_mod.Redis.from_url(url, socket_connect_timeout=1)
+        for _ in range(50):
+            try:
+                assert client.ping()
+                break
+            except redis_mod.ConnectionError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("redis-server did not start")
+        with pytest.raises(redis_mod.AuthenticationError):
+            redis_mod.Redis(host="127.0.0.1", port=port).set("k", "v")
+        command = [*probe[:-1], probe[-1].replace("redis-cli", f"redis-cli -p {port}")]
+        base = {"PATH": os.environ["PATH"]}
+        assert subprocess.run(command, env={**base, "REDISCLI_AUTH": env["REDISCLI_AUTH"]}, timeout=10).returncode == 0
+        assert subprocess.run(command, env=base, timeout=10).returncode != 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _peer_selects(peer: dict, labels: dict, *, same_namespace: bool = True) -> bool:
+    """A NetworkPolicy peer with a podSelector (same namespace unless a namespaceSelector is given)."""
+    if "ipBlock" in peer or ("namespaceSelector" in peer) == same_namespace:
+        return False
+    return _selects(peer.get("podSelector", {}).get("matchLabels", {}), labels)
+
+
+def _ports(rule: dict) -> set[tuple[str, int]]:
+    return {(p.get("protocol", "TCP"), p["port"]) for p in rule.get("ports", [])}
+
+
+def test_network_policies_admit_only_what_the_service_needs(rendered):
+    _, objs = rendered
+    server = objs["Deployment", "sdxl-bento"]["spec"]["template"]
+    redis = objs["Deployment", "sdxl-bento-redis"]["spec"]["template"]
+    server_labels, redis_labels = server["metadata"]["labels"], redis["metadata"]["labels"]
+    (server_c,), (redis_c,) = server["spec"]["containers"], redis["spec"]["containers"]
+    redis_port = _container_port(redis_c, "redis")
+    server_port = _container_port(server_c, "http")
+    policies = [o for (kind, _), o in objs.items() if kind == "NetworkPolicy"]
+
+    def policy_for(labels: dict) -> dict:
+        (found,) = [p for p in policies if _selects(p["spec"]["podSelector"]["matchLabels"], labels)]
+        return found["spec"]
+
+    # Redis: in only from the server's pods, on Redis's port; nothing out
+    spec = policy_for(redis_labels)
+    assert set(spec["policyTypes"]) == {"Ingress", "Egress"} and spec.get("egress", []) == []
+    assert spec["ingress"]
+    for rule in spec["ingress"]:
+        assert rule["from"] and all(_peer_selects(p, server_labels) for p in rule["from"])
+        assert not any(_peer_selects(p, redis_labels) for p in rule["from"])
+        assert _ports(rule) == {("TCP", redis_port)}
+    assert objs["Service", "sdxl-bento-redis"]["spec"]["ports"][0]["port"] == redis_port
+    assert not _selects(spec["podSelector"]["matchLabels"], server_labels)
+
+    # the server: in on 3000 only (clients, and the other replicas); out to Redis, each other and DNS only
+    spec = policy_for(server_labels)
+    assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
+    assert all(_ports(rule) == {("TCP", server_port)} for rule in spec["ingress"])
+    assert any(r.get("from") and all(_peer_selects(p, server_labels) for p in r["from"]) for r in spec["ingress"])
+    allowed = set()
+    for rule in spec["egress"]:
+        assert rule.get("to") and rule.get("ports"), rule  # no rule opens every address or every port
+        for peer in rule["to"]:
+            if _peer_selects(peer, redis_labels):
+                allowed |= {("redis", p) for p in _ports(rule)}
+            elif _peer_selects(peer, server_labels):
+                allowed |= {("server", p) for p in _ports(rule)}
+            elif _peer_selects(peer, {"k8s-app": "kube-dns"}, same_namespace=False):
+                assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kube-system"}
+                allowed |= {("dns", p) for p in _ports(rule)}
+            else:
+                pytest.fail(f"unexpected egress peer {peer}")
+    assert allowed == {("redis", ("TCP", redis_port)), ("server", ("TCP", server_port)),
+                       ("dns", ("UDP", 53)), ("dns", ("TCP", 53))}
+    # the replica URL the others forward to is this pod's IP on the port the policy opens
+    (replica,) = [e["value"] for e in server_c["env"] if e["name"] == "SDXL_BENTO_REPLICA_URL"]
+    assert replica == f"http://$(POD_IP):{server_port}"
+
+
+# -- the pods' security context, read-only root, writable paths -------------------------------------
+
+_BENTOML_PATHS = r'''
+import json, os
+from bentoml._internal.configuration.containers import BentoMLContainer
+from bentoml._internal.container.generate import BENTO_PATH, BENTO_UID_GID
+home = BentoMLContainer.bentoml_home.get()
+print(json.dumps({"home": home, "created": sorted(os.listdir(home)), "bento_path": BENTO_PATH, "uid": BENTO_UID_GID,
+                  "task_db": BentoMLContainer.result_store_file.get(),
+                  "prometheus": BentoMLContainer.prometheus_multiproc_dir.get()}))
+'''
+
+
+@pytest.fixture(scope="module")
+def bentoml_paths(tmp_path_factory) -> dict:
+    """Where BentoML 1.4.39 writes under BENTOML_HOME, asked of BentoML itself (in a fresh process)."""
+    home = tmp_path_factory.mktemp("bentoml-home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BENTOML_")}
+    out = subprocess.run([sys.executable, "-c", _BENTOML_PATHS], capture_output=True, text=True, timeout=120,
+                         env={**env, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("home", "task_db", "prometheus"):
+        got[key] = str(PurePosixPath(got[key]).relative_to(home)) if key != "home" else "."
+    return got
+
+
+def _covering_mount(path: str, mounts: list[dict]) -> dict | None:
+    """The volume mount a path lives on: the one with the longest mountPath that is the path or above it."""
+    p = PurePosixPath(path)
+    found = [m for m in mounts if p == PurePosixPath(m["mountPath"]) or PurePosixPath(m["mountPath"]) in p.parents]
+    return max(found, key=lambda m: len(m["mountPath"]), default=None)
+
+
+def test_pods_run_unprivileged_without_a_service_account_token(rendered):
+    _, objs = rendered
+    for name, pod in _pod_specs(objs).items():
+        assert pod["automountServiceAccountToken"] is False, name
+        assert pod["enableServiceLinks"] is False, name  # no SDXL_BENTO_* variables from Service names
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0, name
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True, name
+            assert sc["capabilities"] == {"drop": ["ALL"]} and not sc.get("privileged"), name
+
+
+def test_server_writes_only_to_volumes(rendered, bentoml_paths):
+    """Every path the service, BentoML, torch and Triton write at run time is on a writable volume; the
+    Bento (code and baked models, read from BENTO_PATH/models) is not hidden by any of them."""
+    from sdxl_bento.settings import Settings
+
+    _, objs = rendered
+    pod = objs["Deployment", "sdxl-bento"]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    env = {**objs["ConfigMap", "sdxl-bento-config"]["data"], **_container_env(c, _secret_example())}
+    settings = Settings(_env_file=None, **{k.removeprefix("SDXL_BENTO_").lower(): v for k, v in env.items()
+                                           if k.startswith("SDXL_BENTO_")})
+    home, bentoml_home = PurePosixPath(env["HOME"]), PurePosixPath(env["BENTOML_HOME"])
+    assert bentoml_paths["uid"] == pod["securityContext"]["runAsUser"]  # the image's user, whose home is HOME
+    assert home == PurePosixPath(bentoml_paths["bento_path"]).parent
+    written = {
+        "/tmp": "Python temp files, Inductor's default cache, gcc output for Triton's launchers",
+        str(bentoml_home / bentoml_paths["task_db"]): "BentoML's task database (and its -wal, -shm)",
+        str(bentoml_home / bentoml_paths["prometheus"]): "BentoML's Prometheus multiprocess folder",
+        **{str(bentoml_home / d): "created by BentoML at start" for d in bentoml_paths["created"]},
+        str(home / ".triton"): "Triton's home",
+        str(home / ".cache"): "torch's kernel cache, Hugging Face",
+        env["CUDA_CACHE_PATH"]: "the CUDA driver's JIT cache",
+        str(settings.image_dir): "the image store",
+        str(settings.state_dir): "the task journal, audit log",
+        str(settings.compile_cache_dir): "Inductor's and Triton's kernel cache",
+        "/dev/shm": "shared memory",
+    }
+    assert {"bentos", "models", "envs", "tmp"} <= set(bentoml_paths["created"])
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for path, what in written.items():
+        mount = _covering_mount(path, c["volumeMounts"])
+        assert mount is not None, f"{path} ({what}) is on the read-only root"
+        assert not mount.get("readOnly"), f"{path} ({what}) is on a read-only mount"
+        volume = volumes[mount["name"]]
+        assert "emptyDir" in volume or "persistentVolumeClaim" in volume, (path, volume)
+    # the Bento stays visible: no mount at or above it, and BENTOML_HOME is not inside it
+    bento = PurePosixPath(bentoml_paths["bento_path"])
+    assert _covering_mount(str(bento / "models"), c["volumeMounts"]) is None
+    assert bento not in bentoml_home.parents and bentoml_home != bento
+    assert c["args"][0] == "serve"  # the entrypoint serves $BENTO_PATH, whose models/ it reads
+    # emptyDirs are bounded: a runaway writer evicts its pod, not the node
+    assert all(volumes[m["name"]]["emptyDir"].get("sizeLimit") for m in c["volumeMounts"]
+               if "emptyDir" in volumes[m["name"]])
+
+
+def test_grace_period_covers_prestop_and_the_services_grace(rendered):
+    _, objs = rendered
+    deploy = objs["Deployment", "sdxl-bento"]
+    pod = deploy["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    grace = float(objs["ConfigMap", "sdxl-bento-config"]["data"]["SDXL_BENTO_SHUTDOWN_GRACE_S"])
+    command = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and len(command) == 2
+    pre_stop = int(command[1])
+    assert pre_stop >= 5  # endpoints (kube-proxy, ingress controllers) need a moment to drop the pod
+    # the kubelet counts the preStop hook inside the grace period, then SIGTERM, then SIGKILL at its end
+    assert pre_stop + grace + EXIT_MARGIN_S <= pod["terminationGracePeriodSeconds"]
+    # once /readyz answers 503 the pod leaves the endpoints within a few seconds
+    ready = c["readinessProbe"]
+    assert ready["httpGet"]["path"] == "/readyz" and ready.get("successThreshold", 1) == 1
+    assert ready["periodSeconds"] * ready["failureThreshold"] <= 5
+    assert ready["timeoutSeconds"] <= pre_stop
+    # rolling updates: the new pod is ready before an old one goes; the rollout outlives a slow start
+    rolling = deploy["spec"]["strategy"]["rollingUpdate"]
+    assert deploy["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert rolling["maxUnavailable"] == 0 and rolling["maxSurge"] >= 1
+    startup = c["startupProbe"]
+    assert deploy["spec"]["progressDeadlineSeconds"] > startup["periodSeconds"] * startup["failureThreshold"]
+
+
 # -- systemd ------------------------------------------------------------------------------------
 
 def parse_unit(path: Path) -> dict[str, list[tuple[str, str]]]:
@@ -295,6 +597,14 @@ def _one(entries: list[tuple[str, str]], key: str) -> str:
     return value
 
 
+def _seconds(value: str) -> float:
+    """A systemd time span (``120``, ``2min``, ``1min 30s``) in seconds."""
+    units = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]*)", value)
+    assert parts and "infinity" not in value, value
+    return sum(float(n) * units[u] for n, u in parts)
+
+
 UNITS = ("sdxl-bento.service", "sdxl-bento@.service")
 
 
@@ -312,7 +622,11 @@ def test_systemd_unit_runs_bentoml_serve_with_a_graceful_stop_and_hardening(unit
     assert _one(service, "KillSignal") == "SIGTERM" and _one(service, "KillMode") == "mixed"
     env_file = dict(line.split("=", 1) for line in (DEPLOY / "systemd" / "env.example").read_text().splitlines()
                     if line and not line.startswith("#"))
-    assert int(_one(service, "TimeoutStopSec")) >= float(env_file["SDXL_BENTO_SHUTDOWN_GRACE_S"]) + 30
+    # SIGTERM to the arbiter only (which waits for its workers without a bound of its own); SIGKILL to
+    # what is left once the service's grace and the time to exit have passed
+    assert _seconds(_one(service, "TimeoutStopSec")) >= float(env_file["SDXL_BENTO_SHUTDOWN_GRACE_S"]) + EXIT_MARGIN_S
+    assert not any(k in ("SendSIGKILL", "TimeoutSec", "TimeoutAbortSec") for k, _ in service)
+    assert argv[0] in ("/usr/bin/env", "/opt/sdxl-bento/.venv/bin/bentoml")  # env(1) execs: bentoml is the main PID
     assert int(_one(service, "TimeoutStartSec")) >= 600
     for key in ("NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp", "ProtectKernelTunables",
                 "RestrictSUIDSGID", "CapabilityBoundingSet", "SystemCallFilter"):

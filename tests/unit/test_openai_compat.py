@@ -140,13 +140,6 @@ def test_wire_model_accepts_anything_with_the_same_fields():
     assert wire.n == "many" and not hasattr(wire, "unknown")
 
 
-def test_demand_fields_for_the_gateway():
-    assert oa.demand_fields({"size": "512x768", "n": 3, "quality": "hd"}) == {
-        "width": 512, "height": 768, "num_images": 3, "steps": 50}
-    assert oa.demand_fields({"size": "nonsense", "n": "x", "steps": 12}) == {"steps": 12}
-    assert oa.demand_fields({}) == {"width": 1024, "height": 1024, "steps": 30}
-
-
 def test_images_withheld_by_the_safety_check():
     kept = CachedImage(id="a", seed=1, media_type="image/png", width=8, height=8, parameters="p", data=b"png")
     withheld = CachedImage(id="", seed=2, media_type="image/png", width=8, height=8, parameters="p", data=b"",

@@ -1,20 +1,23 @@
-"""Token buckets: in memory with a fake clock, then against a real redis-server (no mocks), then
-through a Redis outage and back."""
+"""Token buckets and job slots: in memory (buckets with a fake clock), then against a real redis-server
+(no mocks), then through a Redis outage and back, and a slot holder that dies."""
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from sdxl_bento.ratelimit import Decision, Limit, RateLimiter
+from sdxl_bento.ratelimit import Decision, JobSlots, Limit, RateLimiter
 
 REDIS_SERVER = shutil.which("redis-server")
 needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not on PATH (CI installs it)")
@@ -269,7 +272,9 @@ def test_redis_two_limiters_share_one_limit_exactly(redis_url, prefix):
 def test_redis_outage_falls_back_to_memory_and_comes_back(tmp_path, prefix, caplog):
     port = _free_port()
     proc = _start_redis(port, tmp_path)
-    rl = RateLimiter(f"redis://127.0.0.1:{port}/0", prefix=prefix, retry_interval_s=0.2, socket_timeout_s=0.5)
+    calls = []
+    rl = RateLimiter(f"redis://127.0.0.1:{port}/0", prefix=prefix, retry_interval_s=0.2, socket_timeout_s=0.5,
+                     on_redis_failure=lambda: calls.append(1))
     lim = Limit(per_minute=0.001, burst=3)
     try:
         assert rl.take([("k", lim, 1)]).allowed and rl.backend == "redis" and not rl.degraded
@@ -279,12 +284,12 @@ def test_redis_outage_falls_back_to_memory_and_comes_back(tmp_path, prefix, capl
         t0 = time.monotonic()
         # local buckets start full: 3 allowed, then refused, and no exception
         assert [rl.take([("k", lim, 1)]).allowed for _ in range(4)] == [True, True, True, False]
-        assert rl.backend == "memory" and rl.degraded and rl.redis_failures == 1
+        assert rl.backend == "memory" and rl.degraded and rl.redis_failures == 1 and len(calls) == 1
         while time.monotonic() - t0 < 0.5:
             assert not rl.take([("k", lim, 1)]).allowed and rl.degraded
             time.sleep(0.01)
         # Redis was re-tried at most every 0.2 s, and the outage logged once
-        assert 2 <= rl.redis_failures <= 4
+        assert 2 <= rl.redis_failures <= 4 and len(calls) == rl.redis_failures  # one call per failed Redis call
         warnings = [r for r in caplog.records if r.name == "sdxl_bento.ratelimit" and r.levelno == logging.WARNING]
         assert len(warnings) == 1 and "unreachable" in warnings[0].getMessage()
 
@@ -295,6 +300,168 @@ def test_redis_outage_falls_back_to_memory_and_comes_back(tmp_path, prefix, capl
         assert d.allowed and d.remaining == 2  # the new server has no state: a full bucket
         assert any("back" in r.getMessage() for r in caplog.records if r.name == "sdxl_bento.ratelimit")
         assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+        assert len(calls) == rl.redis_failures  # none since Redis came back
     finally:
         rl.close()
+        _stop(proc)
+
+
+def test_a_failing_failure_callback_does_not_fail_the_call(caplog):
+    def broken() -> None:
+        raise RuntimeError("metric down")
+
+    rl = RateLimiter(f"redis://127.0.0.1:{_free_port()}/0", on_redis_failure=broken)  # nothing listens there
+    assert rl.take([("k", Limit(per_minute=60, burst=1), 1)]).allowed
+    assert rl.degraded and rl.redis_failures == 1 and "on_redis_failure raised" in caplog.text
+    rl.close()
+
+
+# ------------------------------------------------------------------------------------------- slots
+
+def _peak(slots: list[JobSlots], name: str, limit: int, threads: int, rounds: int) -> tuple[int, int]:
+    """Threads that take a slot, hold it briefly and give it back: (most held at once, slots taken)."""
+    lock = threading.Lock()
+    state = {"now": 0, "peak": 0, "taken": 0}
+    start = threading.Barrier(threads)
+
+    def work(s: JobSlots) -> None:
+        start.wait()
+        for _ in range(rounds):
+            lease = s.acquire(name, limit)
+            if lease is None:
+                continue
+            with lock:
+                state["now"] += 1
+                state["peak"] = max(state["peak"], state["now"])
+                state["taken"] += 1
+            time.sleep(0.001)
+            with lock:
+                state["now"] -= 1
+            s.release(lease)
+
+    pool = [threading.Thread(target=work, args=(slots[i % len(slots)],)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return state["peak"], state["taken"]
+
+
+def test_slots_in_memory():
+    slots = JobSlots(None)
+    a, b = slots.acquire("k", 2), slots.acquire("k", 2)
+    assert a and b and a != b and slots.acquire("k", 2) is None and slots.held("k") == 2
+    assert slots.acquire("other", 1) is not None and slots.held("other") == 1
+    slots.release(a)
+    slots.release(a)  # twice, or an unknown id: counted once, or not at all
+    slots.release("no-such-lease")
+    assert slots.held("k") == 1 and slots.acquire("k", 2) is not None and slots.acquire("k", 2) is None
+    assert not slots.degraded and "leases=3" in repr(slots)
+    with pytest.raises(ValueError):
+        JobSlots(None, lease_s=0)
+
+
+def test_slots_in_memory_are_thread_safe():
+    slots = JobSlots(None)
+    peak, taken = _peak([slots], "k", 3, threads=8, rounds=100)
+    assert peak == 3 and taken > 3 and slots.held("k") == 0
+
+
+@needs_redis
+def test_slots_are_shared_through_redis(redis_url, prefix):
+    import redis
+
+    a, b = JobSlots(redis_url, prefix=prefix), JobSlots(redis_url, prefix=prefix)  # two workers or replicas
+    client = redis.Redis.from_url(redis_url)
+    try:
+        la, lb = a.acquire("k", 2), b.acquire("k", 2)
+        assert la and lb and a.acquire("k", 2) is None and b.acquire("k", 2) is None
+        assert a.held("k") == b.held("k") == 2 and a.acquire("other", 2) is not None
+        members = dict(client.zrange(prefix + "k", 0, -1, withscores=True))
+        server_ms = client.time()[0] * 1000
+        assert set(members) == {la.encode(), lb.encode()}
+        assert all(server_ms + 55_000 < score <= server_ms + 61_000 for score in members.values())
+        assert 55_000 < client.pttl(prefix + "k") <= 60_000
+
+        b.release(la)  # not b's lease: nothing happens
+        assert a.held("k") == 2
+        a.release(la)
+        assert b.held("k") == 1 and (lc := b.acquire("k", 2)) and a.acquire("k", 2) is None
+        b.release(lb)
+        b.release(lc)
+        assert a.held("k") == 0 and not a.degraded and a.redis_failures == b.redis_failures == 0
+
+        peak, taken = _peak([a, b], "busy", 3, threads=6, rounds=40)
+        assert peak <= 3 and taken > 3 and a.held("busy") == 0
+    finally:
+        a.close()  # gives back its "other" lease
+        b.close()
+        assert client.zcard(prefix + "other") == 0
+        client.close()
+
+
+HOLDER = """
+import sys, time
+from sdxl_bento.ratelimit import JobSlots
+slots = JobSlots(sys.argv[1], prefix=sys.argv[2], lease_s=1.0)
+print(slots.acquire("k", 1), flush=True)
+time.sleep(60)
+"""
+
+
+@needs_redis
+def test_a_dead_holders_slots_come_free_after_the_lease(redis_url, prefix):
+    root = Path(__file__).resolve().parents[2]
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, redis_url, prefix], stdout=subprocess.PIPE, text=True,
+                              cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    other = JobSlots(redis_url, prefix=prefix, lease_s=1.0)
+    try:
+        assert holder.stdout.readline().strip() not in ("", "None")
+        time.sleep(2.5)  # two and a half leases: still held, because the holder's thread extends it
+        assert other.acquire("k", 1) is None and other.held("k") == 1
+        holder.kill()  # SIGKILL: no release, no clean-up
+        holder.wait(timeout=10)
+        died = time.monotonic()
+        while (lease := other.acquire("k", 1)) is None:
+            assert time.monotonic() - died < 3, "the dead holder's slot never came free"
+            time.sleep(0.05)
+        assert time.monotonic() - died <= 1.5  # at most one lease (1 s) after its last extension
+        other.release(lease)
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+        other.close()
+
+
+@needs_redis
+def test_slots_through_a_redis_outage(tmp_path, prefix, caplog):
+    port = _free_port()
+    proc = _start_redis(port, tmp_path)
+    calls = []
+    slots = JobSlots(f"redis://127.0.0.1:{port}/0", prefix=prefix, retry_interval_s=0.2,
+                     on_redis_failure=lambda: calls.append(1))
+    try:
+        shared = slots.acquire("k", 2)
+        assert shared and not slots.degraded
+
+        _stop(proc)
+        caplog.set_level(logging.INFO, logger="sdxl_bento.ratelimit")
+        local = slots.acquire("k", 2)  # counted here now, with the lease still held from Redis
+        assert local and slots.degraded and slots.redis_failures == len(calls) == 1
+        assert slots.acquire("k", 2) is None and slots.held("k") == 2
+        slots.release(shared)  # taken in Redis, released there: fails quietly, and lapses unextended
+        assert slots.held("k") == 1
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "job slots: Redis unreachable" in warnings[0].getMessage()
+
+        proc = _start_redis(port, tmp_path)  # a fresh, empty server
+        time.sleep(0.25)
+        again = slots.acquire("k", 2)  # in Redis again; the lease taken in memory still counts
+        assert again and not slots.degraded and slots.acquire("k", 2) is None
+        assert slots.held("k") == 2
+        slots.release(local)  # released in memory, where it was taken
+        assert slots.held("k") == 1 and slots.acquire("k", 2) is not None
+        assert len(calls) == slots.redis_failures and any("back" in r.getMessage() for r in caplog.records)
+    finally:
+        slots.close()
         _stop(proc)

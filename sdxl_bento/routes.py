@@ -1,0 +1,137 @@
+"""The route table: every path the gateway guards, and how each generation route's body becomes typed
+native requests.
+
+The gateway reads no field of a body itself. For a generation route it calls the route's ``parse``, which
+validates the body with the same models the API method uses (an adapter's body is mapped onto
+``GenerateRequest`` as the method maps it), and answers a refusal in that route's API shape (``shape``).
+``service.py`` builds the table once; the lists of generation, task and protected routes derive from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from . import a1111, openai_compat
+from .compat import given
+from .errors import InvalidRequest, ServiceError, to_response
+from .schemas import GenerateRequest
+
+Shape = Callable[[Exception], Any]
+"""An error (``ServiceError`` or pydantic ``ValidationError``) -> a Starlette response."""
+
+
+def native_error(exc: Exception) -> Any:
+    """The service's own shape, ``{"error": {"type", "message", ...}}``."""
+    if isinstance(exc, ValidationError):
+        exc = invalid(exc)
+    assert isinstance(exc, ServiceError)
+    return to_response(exc)
+
+
+def invalid(exc: ValidationError, prefix: str = "") -> InvalidRequest:
+    """A pydantic error as one readable 400: ``steps: Input should be less than or equal to 100``."""
+    error = exc.errors(include_url=False)[0]
+    where = ".".join(str(part) for part in error["loc"])
+    name = f"{prefix}{where}" if where else prefix.rstrip(".")
+    message = error["msg"].removeprefix("Value error, ")
+    return InvalidRequest(f"{name}: {message}" if name else message, field=name or None)
+
+
+@dataclass(frozen=True)
+class Route:
+    path: str
+    parse: Callable[[Any], list[Any]]
+    """The JSON body -> the typed native requests it runs (raises ``ValidationError`` or ``ServiceError``)."""
+    shape: Shape = native_error
+    task: bool = False
+    """Submits a BentoML task (``/<task>/submit``)."""
+    batch: bool = False
+    """Its items are stamped with their caller (BentoML's adaptive batching merges several callers' items)."""
+
+
+class _BatchBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    requests: list[GenerateRequest]
+
+
+def single(model: type[BaseModel]) -> Callable[[Any], list[Any]]:
+    return lambda body: [model.model_validate(body)]
+
+
+def batch_items(body: Any) -> list[GenerateRequest]:
+    return _BatchBody.model_validate(body).requests
+
+
+def openai_request(body: Any) -> list[GenerateRequest]:
+    oreq = openai_compat.OpenAIImageRequest.model_validate(given(body) if isinstance(body, dict) else body)
+    return [openai_compat.to_generate_request(oreq)]
+
+
+def a1111_request(body: Any) -> list[GenerateRequest]:
+    areq = a1111.A1111Txt2ImgRequest.model_validate(given(body) if isinstance(body, dict) else body)
+    return [a1111.to_generate_request(areq)]
+
+
+def openai_error(exc: Exception) -> Any:
+    if isinstance(exc, ValidationError):
+        return openai_compat.from_validation_error(exc)
+    return openai_compat.from_service_error(exc)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class RouteTable:
+    generation: dict[str, Route]
+    """POST routes that generate (or submit work that generates), by path."""
+    task_prefixes: tuple[str, ...]
+    """BentoML task routes: ``<prefix>/submit``, ``/status``, ``/get``, ``/cancel``, ``/retry``."""
+    mounted: dict[str, Shape] = field(default_factory=dict)
+    """Mounted apps under the gateway's guard (path prefix -> error shape)."""
+    open_reads: tuple[str, ...] = ()
+    """Prefixes where a key is checked when sent but not required (signed image links)."""
+    public: tuple[str, ...] = ("/", "/livez", "/healthz", "/readyz", "/metrics", "/docs", "/docs.json",
+                               "/schema.json", "/ui")
+    """Unguarded paths (BentoML's own; the playground under ``/ui``), for metric labels."""
+
+    @property
+    def protected(self) -> tuple[str, ...]:
+        return (*self.generation, *self.task_prefixes, *self.mounted)
+
+    def is_protected(self, path: str) -> bool:
+        return any(path == p or path.startswith(p + "/") for p in self.protected)
+
+    def shape(self, path: str) -> Shape:
+        route = self.generation.get(path)
+        if route is not None:
+            return route.shape
+        return next((shape for prefix, shape in self.mounted.items() if path.startswith(prefix)), native_error)
+
+    def template(self, path: str) -> str:
+        """A bounded label for metrics and the audit log: the route, never what a client put in the path."""
+        if path in self.generation:
+            return path
+        for prefix in self.task_prefixes:
+            action = path.removeprefix(prefix + "/")
+            if path.startswith(prefix + "/") and action in ("submit", "status", "get", "cancel", "retry"):
+                return path
+        for prefix in (*self.mounted, "/ui"):
+            if path == prefix or path.startswith(prefix + "/"):
+                return f"{prefix}/{{path}}"
+        return path if path in self.public else "other"
+
+
+def table(task_models: dict[str, type[BaseModel]], native: dict[str, type[BaseModel]]) -> RouteTable:
+    """The service's routes: ``native`` single-request routes and ``task_models`` task prefixes by their
+    input model, plus the batch, OpenAI and AUTOMATIC1111 routes."""
+    generation = {path: Route(path, single(model)) for path, model in native.items()}
+    for prefix, model in task_models.items():
+        generation[prefix] = Route(prefix, single(model))  # BentoML also serves a task as a plain call
+        generation[f"{prefix}/submit"] = Route(f"{prefix}/submit", single(model), task=True)
+    generation["/generate_batch"] = Route("/generate_batch", batch_items, batch=True)
+    generation["/v1/images/generations"] = Route("/v1/images/generations", openai_request, openai_error)
+    generation["/sdapi/v1/txt2img"] = Route("/sdapi/v1/txt2img", a1111_request, a1111.from_error)
+    return RouteTable(generation=generation, task_prefixes=tuple(task_models),
+                      mounted={"/sdapi/v1": a1111.from_error, "/models": native_error, "/images": native_error},
+                      open_reads=("/images",))
