@@ -221,6 +221,7 @@ class SDXL:
         self.engine.manager.on_swap = lambda tag, seconds: metrics().model_swap_seconds.observe(seconds)
         live.engine = self.engine
         logger.info("warm-up took %.2f s", self.engine.warmup(*settings.warmup(device)))
+        rate = self.engine.seconds_per_unit(*settings.warmup(device))
         metrics().acceleration.labels(**self.engine.acceleration.labels()).set(1)
         # After warm-up the free GPU memory is what batches may use; without CUDA there is no budget.
         budget = VramBudget.measure(SDXL_FP16, headroom=settings.vram_headroom,
@@ -232,6 +233,7 @@ class SDXL:
                                    max_batch_images=settings.max_batch_images, max_jobs=settings.max_concurrency,
                                    aging_per_minute=settings.aging_per_minute, observer=metrics(),
                                    throttle=self.throttle, budget=budget, is_loaded=self.engine.manager.is_loaded)
+        self.scheduler.seed_rate(rate)  # task ETAs from the first request on
         self.scheduler.start()
         task_registry.scheduler = drain.scheduler = self.scheduler
         drain.install()

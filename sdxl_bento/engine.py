@@ -378,6 +378,14 @@ class Engine:
             self._warm(width, height)
         return time.perf_counter() - started
 
+    def seconds_per_unit(self, width: int = 256, height: int = 256, steps: int = 4) -> float:
+        """A warm generation's seconds per work unit (steps x pixels x images, as the scheduler counts them),
+        so that ETAs exist from the first request after a start, before any batch has been measured."""
+        key = BatchKey(kind="txt2img", width=width, height=height, steps=steps, guidance_scale=5.0, scheduler="euler")
+        started = time.perf_counter()
+        self.generate([Work(key=key, prompt="timing", negative_prompt="", seeds=[0])])
+        return (time.perf_counter() - started) / (steps * width * height)
+
     def _warm(self, width: int, height: int) -> None:
         accelerated = self.acceleration.cuda_graphs or self.acceleration.compile != "off"
         steps = 3 if accelerated else 2

@@ -108,6 +108,7 @@ class Scheduler:
         self._stop_reason = "shutdown"
         self._thread: threading.Thread | None = None
         self._seconds_per_unit: float | None = None
+        self._batch_started: float | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -182,16 +183,34 @@ class Scheduler:
             order = sorted(self._queue, key=self._order)
             return order.index(job) if job in order else None
 
+    def seed_rate(self, seconds_per_unit: float) -> None:
+        """The warm-up's measured pace, until the first batch measures its own."""
+        with self._cond:
+            if self._seconds_per_unit is None and seconds_per_unit > 0:
+                self._seconds_per_unit = seconds_per_unit
+
     def eta(self, job: Job) -> float | None:
-        """Seconds until the job is expected to finish, from measured step times."""
-        if self._seconds_per_unit is None or job.state not in (JobState.queued, JobState.running):
+        """Seconds until the job is expected to finish: the running batch at its own pace once it has made a
+        step, the rest from measured step times (the warm-up's until a batch has finished)."""
+        if job.state not in (JobState.queued, JobState.running):
             return None
         with self._cond:
+            rate = self._seconds_per_unit
             order = sorted(self._queue, key=self._order)
             ahead = order[: order.index(job) + 1] if job in order else []
-            units = sum(j.cost() * (1 - j.step / max(1, j.total_steps)) for j in self._running)
-            units += sum(j.cost() for j in ahead)
-        return units * self._seconds_per_unit
+            running = list(self._running)
+            started = self._batch_started
+        stepped = [j for j in running if j.step > 0]
+        if running and stepped and started is not None:  # the running batch's own pace, step by step
+            done = stepped[0].step / max(1, stepped[0].total_steps)
+            elapsed = time.perf_counter() - started
+            left = elapsed / done - elapsed
+            rate = rate if rate is not None else elapsed / (done * sum(j.cost() for j in running))
+        elif rate is None:
+            return None
+        else:
+            left = sum(j.cost() * (1 - j.step / max(1, j.total_steps)) for j in running) * rate
+        return left + sum(j.cost() for j in ahead) * rate
 
     def depth(self) -> tuple[int, int]:
         with self._cond:
@@ -276,7 +295,7 @@ class Scheduler:
             self._observe_queue()
 
     def _run(self, batch: list[Job]) -> None:
-        started = time.perf_counter()
+        started = self._batch_started = time.perf_counter()
 
         def on_step(done: int, total: int) -> None:
             for job in batch:

@@ -160,6 +160,48 @@ def test_progress_and_eta(make):
     assert (job.step, job.total_steps) == (4, 4)
 
 
+class SteppedEngine:
+    """Makes one step each time it is told to, so a test sees a batch part way."""
+
+    def __init__(self):
+        self.step = threading.Semaphore(0)
+        self.started = threading.Event()
+
+    def generate(self, works, on_step=None):
+        self.started.set()
+        for step in range(1, 5):
+            self.step.acquire(timeout=5)
+            on_step(step, 4)
+        return [[None] * len(w.seeds) for w in works]
+
+
+def test_eta_exists_from_the_first_job_after_a_start(make):
+    """Seeded by the warm-up's pace before any batch has finished; the running batch then goes at its own."""
+    engine = SteppedEngine()
+    s = make(engine, max_batch_requests=1)
+    running = s.submit([work("first")], timeout=30)[0]
+    queued = s.submit([work("second", key=B)], timeout=30)[0]
+    engine.started.wait(2)
+    assert s.eta(running) is None  # nothing measured, no step made
+    s.seed_rate(1e-6)  # seconds per step x pixel x image, as the warm-up measured
+    assert s.eta(queued) == pytest.approx((4 * 256 * 256 + 4 * 512 * 256) * 1e-6, rel=0.01)
+    engine.step.release()
+    for _ in range(100):
+        if running.step == 1:
+            break
+        time.sleep(0.01)
+    time.sleep(0.2)
+    first = s.eta(running)
+    assert first is not None and 0.3 < first < 5  # ~3 more steps at the pace of the first (>= 0.2 s each)
+    assert s.eta(queued) > first
+    s.seed_rate(5.0)  # a pace once measured is kept
+    assert s.eta(queued) < 60
+    for _ in range(8):
+        engine.step.release()
+    running.future.result(5)
+    queued.future.result(5)
+
+
 def test_stop_fails_waiting_jobs_with_a_reason(make):
     engine = FakeEngine(hold=True)
     s = make(engine)
