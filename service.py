@@ -16,6 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import bentoml
+from bentoml._internal.configuration.containers import BentoMLContainer
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
@@ -240,7 +241,8 @@ class SDXL:
         self.retention = RetentionSweeper(
             image_store, journal, image_max_age_s=settings.image_retention_s,
             image_max_bytes=settings.image_store_max_bytes, task_max_age_s=settings.task_retention_s,
-            interval_s=settings.retention_sweep_s, on_sweep=metrics().observe_retention)
+            interval_s=settings.retention_sweep_s, on_sweep=metrics().observe_retention,
+            runner_db=Path(BentoMLContainer.result_store_file.get()))
         self.retention.start()
         cache = make_cache(settings.redis(), image_store, ttl_s=settings.cache_ttl_s,
                            max_bytes=settings.cache_max_bytes) if settings.cache else None

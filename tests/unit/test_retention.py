@@ -108,3 +108,38 @@ def test_the_thread_sweeps_every_interval_and_stops(parts):
         sweeper.stop()
     assert not _exists(images, old)
     assert not any(t.name == "retention-sweeper" for t in threading.enumerate())
+
+
+def test_bentoml_task_rows_go_once_their_task_ended_past_the_retention(tmp_path):
+    """BentoML's own table, created by BentoML's own code, with rows as its runner writes them."""
+    import asyncio
+    import datetime
+    import sqlite3
+
+    from _bentoml_impl.tasks.result import Sqlite3Store
+
+    from sdxl_bento.retention import prune_runner_tasks
+
+    db = tmp_path / "task_result.db"
+    Sqlite3Store.init_db(str(db))
+    utc = datetime.timezone.utc
+    now = datetime.datetime(2026, 12, 1, 12, 0, tzinfo=utc)
+    with sqlite3.connect(str(db)) as conn:
+        rows = [("old-done", "completed", now - datetime.timedelta(hours=3), now - datetime.timedelta(hours=2)),
+                ("new-done", "completed", now - datetime.timedelta(minutes=3), now - datetime.timedelta(minutes=2)),
+                ("old-cancelled", "canceled", now - datetime.timedelta(hours=3), None),
+                ("old-running", "in_progress", now - datetime.timedelta(hours=3), None)]
+        for task_id, status, created, completed in rows:
+            conn.execute("INSERT INTO result (task_id, name, input, status, created_at, completed_at) "
+                         "VALUES (?, 'jobs', x'00', ?, ?, ?)",
+                         (task_id, status, created.strftime("%Y-%m-%d %H:%M:%S"), completed))
+    assert prune_runner_tasks(db, 3600, now=now.timestamp()) == 2
+    with sqlite3.connect(str(db)) as conn:
+        left = sorted(row[0] for row in conn.execute("SELECT task_id FROM result"))
+    assert left == ["new-done", "old-running"]
+    assert asyncio.run(_status_of(Sqlite3Store, db, "new-done")) == "completed"  # BentoML still reads it
+
+
+async def _status_of(store_cls, db, task_id):
+    async with store_cls(str(db)) as store:
+        return (await store.get_status(task_id)).status.value
