@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,6 +41,9 @@ from .schemas import (
 )
 
 Request = GenerateRequest | RefineRequest | Img2ImgRequest | InpaintRequest
+_POST_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                                   thread_name_prefix="sdxl-encode")
+"""Watermark and encode of the images of one request, in parallel (the per-request work runs in a thread)."""
 UPLOAD_MAX_PIXELS = 4096 * 4096
 """Largest uploaded image decoded (before it is resized to the request's size)."""
 
@@ -291,21 +296,23 @@ class Generation:
             with self._guard_lock:  # one checker model, one caller at a time
                 images, verdicts = self.guard.review(images)
             flagged = [v.flagged for v in verdicts]
-        if self.watermarker is not None:
-            kept = self.watermarker.apply([i for i in images if i is not None])
-            images = [kept.pop(0) if i is not None else None for i in images]
-        out = []
-        for seed, image, was_flagged in zip(work.seeds, images, flagged):
+
+        def finish(seed: int, image: Any, was_flagged: bool) -> CachedImage:
             text = infotext(req.prompt, req.negative_prompt, self.parameters(req, key, seed))
             reason = "content_filtered" if was_flagged else "success"
             if image is None:
-                out.append(CachedImage(id="", seed=seed, media_type=MEDIA_TYPES[fmt], width=key.width,
-                                       height=key.height, parameters=text, data=b"", finish_reason=reason))
-                continue
+                return CachedImage(id="", seed=seed, media_type=MEDIA_TYPES[fmt], width=key.width,
+                                   height=key.height, parameters=text, data=b"", finish_reason=reason)
+            if self.watermarker is not None:
+                (image,) = self.watermarker.apply([image])
             data = encode(image, fmt, req.quality, text)
-            out.append(CachedImage(id=self.images.save(data, fmt, owner=owner), seed=seed, media_type=MEDIA_TYPES[fmt],
-                                   width=image.width, height=image.height, parameters=text, data=data,
-                                   finish_reason=reason))
+            return CachedImage(id=self.images.save(data, fmt, owner=owner), seed=seed, media_type=MEDIA_TYPES[fmt],
+                               width=image.width, height=image.height, parameters=text, data=data,
+                               finish_reason=reason)
+
+        # A request's images are watermarked and encoded side by side (both release the GIL): BENCHMARKS.md
+        out = list(_POST_POOL.map(finish, work.seeds, images, flagged)) if len(images) > 1 else \
+            [finish(work.seeds[0], images[0], flagged[0])]
         if self.metrics is not None and any(flagged):
             self.metrics.content_filtered.inc(sum(flagged))
         return out

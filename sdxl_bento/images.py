@@ -21,6 +21,7 @@ import re
 import stat
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,8 @@ def encode(image: Image.Image, fmt: str, quality: int = 90, parameters: str | No
         info = PngImagePlugin.PngInfo()
         if parameters:
             info.add_text("parameters", parameters)
-        image.save(buffer, format="PNG", pnginfo=info)
+        # zlib's run-length strategy: the same size as the default at 2.5x the speed (BENCHMARKS.md)
+        image.save(buffer, format="PNG", pnginfo=info, compress_type=zlib.Z_RLE)
     elif fmt in ("jpeg", "webp"):
         exif = Image.Exif()
         if parameters:
