@@ -8,7 +8,6 @@ scheduler, which alone drives the GPU, image store) -> the answer's shape. Error
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from pathlib import Path
@@ -23,12 +22,12 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.staticfiles import StaticFiles
 
-from sdxl_bento import a1111, openai_compat, routes, schemas, store
+from sdxl_bento import a1111, openai_compat, routes, schemas, store, upstream
 from sdxl_bento.audit import AuditLog
 from sdxl_bento.auth import OPEN_PRINCIPAL, KeyFile, Principal
 from sdxl_bento.cache import make_cache
 from sdxl_bento.compat import given
-from sdxl_bento.errors import Cancelled, InvalidRequest, ModelMissing, NotFound, ServiceError, Unauthorized, to_response
+from sdxl_bento.errors import Cancelled, InvalidRequest, answers_in, native_error, ModelMissing, NotFound, ServiceError, Unauthorized, to_response
 from sdxl_bento.gateway import DEADLINE_HEADER, Gateway
 from sdxl_bento.generation import Generation, ModelInfo, RequestContext
 from sdxl_bento.gpu import NvmlSource, StaticSource, Throttle, ThrottleState
@@ -45,7 +44,7 @@ from sdxl_bento.settings import Settings, tags
 from sdxl_bento.shutdown import Drain
 from sdxl_bento.signing import Signer
 from sdxl_bento.tasks import TaskCancelled, TaskControl, TaskRegistry
-from sdxl_bento.telemetry import bound_request_metric_labels, metrics, start_gpu_telemetry
+from sdxl_bento.telemetry import metrics, start_gpu_telemetry
 from sdxl_bento.vram import SDXL_FP16, VramBudget
 
 logger = logging.getLogger("sdxl_bento.service")
@@ -74,9 +73,14 @@ journal = TaskJournal(settings.state_dir / "tasks.db")
 task_registry = TaskRegistry(journal)
 drain = Drain(settings.shutdown_grace_s)
 TASK_MODELS = {"/jobs": GenerateRequest, "/img2img_jobs": Img2ImgRequest, "/inpaint_jobs": InpaintRequest}
-ROUTES = routes.table(TASK_MODELS, {"/txt2img": GenerateRequest, "/generate": GenerateRequest,
-                                    "/refine": RefineRequest, "/img2img": Img2ImgRequest, "/inpaint": InpaintRequest})
-bound_request_metric_labels(ROUTES.template)
+ROUTES = routes.table(
+    {"/txt2img": GenerateRequest, "/generate": GenerateRequest, "/refine": RefineRequest, "/img2img": Img2ImgRequest,
+     "/inpaint": InpaintRequest}, TASK_MODELS,
+    foreign={"/v1/images/generations": routes.Route("/v1/images/generations", openai_compat.parse_body,
+                                                    openai_compat.error_response),
+             "/sdapi/v1/txt2img": routes.Route("/sdapi/v1/txt2img", a1111.parse_body, a1111.from_error)},
+    mounted={"/sdapi/v1": a1111.from_error, "/models": native_error, "/images": native_error})
+upstream.apply(ROUTES.template)  # BentoML's request timers and metric labels
 live = SimpleNamespace(engine=None)
 """What the mounted ASGI apps need from the service instance, once it exists."""
 
@@ -113,24 +117,6 @@ async def _list_models(request: Request) -> Response:
 
 models_app = Starlette(routes=[Route("/", _list_models, methods=["GET"])])
 ui_app = StaticFiles(directory=str(Path(__file__).parent / "sdxl_bento" / "ui"), html=True)
-
-
-def answers_errors(func):
-    """Turn ``ServiceError`` into its JSON answer (BentoML would hide the message of a 5xx).
-
-    BentoML copies ``ctx.response.status_code`` onto the answer of an API that takes a Context,
-    so the status is set there too.
-    """
-
-    @functools.wraps(func)
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return await func(*args, **kwargs)
-        except ServiceError as exc:
-            kwargs["ctx"].response.status_code = exc.status
-            return to_response(exc)
-
-    return wrapper
 
 
 def request_context(ctx: bentoml.Context) -> RequestContext:
@@ -277,7 +263,7 @@ class SDXL:
         self.scheduler.stop()
 
     @bentoml.api(input_spec=GenerateRequest, route="/txt2img")
-    @answers_errors
+    @answers_in()
     async def txt2img(self, ctx: bentoml.Context, **fields: Any) -> bytes:
         """One image, as the raw PNG/JPEG/WebP body; seed and parameters in headers and in the file."""
         req = GenerateRequest.model_validate(fields)
@@ -297,28 +283,28 @@ class SDXL:
         })
 
     @bentoml.api(input_spec=GenerateRequest, route="/generate")
-    @answers_errors
+    @answers_in()
     async def generate(self, ctx: bentoml.Context, **fields: Any) -> GenerateResponse:
         """Images as JSON: id, url, seed (and base64 when asked) for each, with timings."""
         req, rctx = GenerateRequest.model_validate(fields), request_context(ctx)
         return self.generation.response(req, await self.generation.run(req, rctx), rctx)
 
     @bentoml.api(input_spec=RefineRequest, route="/refine")
-    @answers_errors
+    @answers_in()
     async def refine(self, ctx: bentoml.Context, **fields: Any) -> GenerateResponse:
         """Refine a stored image (by id) with the refiner and a new prompt."""
         req, rctx = RefineRequest.model_validate(fields), request_context(ctx)
         return self.generation.response(req, await self.generation.run(req, rctx), rctx)
 
     @bentoml.api(input_spec=Img2ImgRequest, route="/img2img")
-    @answers_errors
+    @answers_in()
     async def img2img(self, ctx: bentoml.Context, **fields: Any) -> GenerateResponse:
         """Image to image: a base64 image or a stored image's id, redone by ``strength``."""
         req, rctx = Img2ImgRequest.model_validate(fields), request_context(ctx)
         return self.generation.response(req, await self.generation.run(req, rctx), rctx)
 
     @bentoml.api(input_spec=InpaintRequest, route="/inpaint")
-    @answers_errors
+    @answers_in()
     async def inpaint(self, ctx: bentoml.Context, **fields: Any) -> GenerateResponse:
         """Inpainting: the image's white-masked area is repainted."""
         req, rctx = InpaintRequest.model_validate(fields), request_context(ctx)
@@ -368,19 +354,19 @@ class SDXL:
         return a1111.to_a1111_response(areq, req, outcome.images, self.generation.models.base_tag)
 
     @bentoml.task(input_spec=GenerateRequest, route="/jobs")
-    @answers_errors
+    @answers_in()
     async def jobs(self, ctx: bentoml.Context, **fields: Any) -> GenerateResponse:
         """Task style: ``/jobs/submit`` answers at once with a task id; poll ``/jobs/status``, fetch ``/jobs/get``."""
         return await self._task(ctx, GenerateRequest.model_validate(fields))
 
     @bentoml.task(input_spec=Img2ImgRequest, route="/img2img_jobs")
-    @answers_errors
+    @answers_in()
     async def img2img_jobs(self, ctx: bentoml.Context, **fields: Any) -> GenerateResponse:
         """``/img2img`` as a task: ``/img2img_jobs/submit``, ``/status``, ``/get``, ``/cancel``."""
         return await self._task(ctx, Img2ImgRequest.model_validate(fields))
 
     @bentoml.task(input_spec=InpaintRequest, route="/inpaint_jobs")
-    @answers_errors
+    @answers_in()
     async def inpaint_jobs(self, ctx: bentoml.Context, **fields: Any) -> GenerateResponse:
         """``/inpaint`` as a task: ``/inpaint_jobs/submit``, ``/status``, ``/get``, ``/cancel``."""
         return await self._task(ctx, InpaintRequest.model_validate(fields))

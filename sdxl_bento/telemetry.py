@@ -7,9 +7,8 @@ add up (``livesum``) or take the worst (``max``).
 
 from __future__ import annotations
 
-import copy
 import functools
-from typing import Any, Callable
+from typing import Any
 
 from .buildinfo import build_info
 
@@ -83,41 +82,6 @@ class Metrics:
     def redis_failed(self) -> None:
         """A rate-limit or job-slot call that Redis failed (the limits then hold per process)."""
         self.ratelimit_redis_failures.inc()
-
-
-def bound_request_metric_labels(template: Callable[[str], str]) -> None:
-    """Label BentoML's own request metrics (``bentoml_service_request_*``) by route, not by the path sent.
-
-    BentoML 1.4.39 labels them with ``scope["path"]`` in a middleware that runs before any of ours: every
-    image id downloaded and every random path a client tries adds series to the Prometheus files, without
-    bound. No setting changes that, so its middleware class is replaced (before the app is built, when
-    ``service.py`` is imported) by a subclass that shows it the route template, ``template(path)``, while
-    the app behind it receives the request as sent. Tied to the locked BentoML version.
-    """
-    from bentoml._internal.server.http import instruments
-
-    base = instruments.RunnerTrafficMetricsMiddleware
-    if getattr(base, "bounded_labels", False):
-        return
-
-    class BoundedLabels(base):  # type: ignore[misc, valid-type]
-        bounded_labels = True
-
-        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-            if not scope["type"].startswith("http") or scope["path"] == "/metrics":
-                return await super().__call__(scope, receive, send)
-            if not self._is_setup:
-                self._setup()
-            inner = self.app
-
-            async def as_sent(_labelled: Any, receive_: Any, send_: Any) -> None:
-                await inner(scope, receive_, send_)
-
-            view = copy.copy(self)  # this request's view: same metrics, the app behind it gets the real scope
-            view.app = as_sent
-            await base.__call__(view, {**scope, "path": template(scope["path"])}, receive, send)
-
-    instruments.RunnerTrafficMetricsMiddleware = BoundedLabels
 
 
 def start_gpu_telemetry(throttle: Any, interval_s: float = 5.0) -> None:
