@@ -247,7 +247,9 @@ def part_encode(args: argparse.Namespace, images: list[Image.Image], text: str) 
     for name, figures in timings.items():
         figures["bytes"] = sizes[name]
         figures["bytes_vs_png_level_6"] = round(sizes[name] / reference, 4)
-    timings["service_default_level"] = 6 if sizes["service_png (images.encode)"] == reference else "differs"
+    service = encode(image, "png", 90, text)
+    timings["service_png_encoding"] = ("level 6, Z_RLE" if service == png_bytes(image, None, text, compress_type=Z_RLE)
+                                       else "level 6" if service == png_bytes(image, 6, text) else "other")
     decoded = Image.open(io.BytesIO(png_bytes(image, 1, text, compress_type=Z_RLE)))
     timings["png_level_1_rle_lossless"] = bool(np.array_equal(np.asarray(decoded), np.asarray(image)))
     return timings

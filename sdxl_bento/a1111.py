@@ -27,29 +27,21 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from .compat import answers_in, given, wire_model
-from .errors import InvalidRequest, ServiceError
-from .images import SAMPLER_LABELS
-from .safety import ContentFiltered
-from .schemas import GenerateRequest, Scheduler as SchedulerName
+from .compat import ForeignRequest, caller_name, first_error, kept_images, wire_model
+from .errors import InvalidRequest, ServiceError, answers_in
+from .samplers import SAMPLERS, Sampler, label as sampler_label
+from .schemas import GenerateRequest
 
 if TYPE_CHECKING:  # both import torch
     from .cache import CachedImage
     from .scheduler import Job, Scheduler
 
-SAMPLERS: dict[str, SchedulerName] = {label: SchedulerName(name) for name, label in SAMPLER_LABELS.items()}
-"""A1111 sampler names -> the service's schedulers."""
-SAMPLER_ALIASES: dict[str, list[str]] = {
-    "Euler": ["k_euler"], "Euler a": ["k_euler_a", "k_euler_ancestral"], "DPM++ 2M": ["k_dpmpp_2m"],
-    "DPM++ 2M Karras": ["k_dpmpp_2m_ka"], "DDIM": ["ddim"], "UniPC": ["unipc"],
-}
-SAMPLER_OPTIONS: dict[str, dict[str, str]] = {"Euler a": {"uses_ensd": "True"}, "DPM++ 2M Karras": {"scheduler": "karras"}}
 SCHEDULE_TYPES = ("Automatic", "Karras")
 """A1111 1.9+ ``scheduler`` (schedule type): Automatic, or Karras with DPM++ 2M."""
 
@@ -68,7 +60,7 @@ TOLERATED: dict[str, Any] = {
 _NAMES = {"guidance_scale": "cfg_scale", "scheduler": "sampler_name", "high_noise_frac": "refiner_switch_at"}
 
 
-class A1111Txt2ImgRequest(BaseModel):
+class A1111Txt2ImgRequest(ForeignRequest):
     """AUTOMATIC1111 ``POST /sdapi/v1/txt2img`` body (the fields this service uses; see ``TOLERATED``)."""
 
     model_config = ConfigDict(extra="allow")
@@ -89,11 +81,6 @@ class A1111Txt2ImgRequest(BaseModel):
     refiner_switch_at: Optional[float] = Field(None, description="Fraction of steps where the refiner takes over.")
     send_images: bool = Field(True, description="Return the images (base64) in the answer.")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_absent(cls, data: Any) -> Any:
-        return given(data) if isinstance(data, dict) else data
-
     def echo(self) -> dict[str, Any]:
         """``parameters`` of the answer: the request with A1111's defaults filled in."""
         extra = {k: v for k, v in (self.model_extra or {}).items() if k in TOLERATED}
@@ -106,20 +93,19 @@ A1111Wire = wire_model(A1111Txt2ImgRequest, "A1111Txt2ImgRequest", also=TOLERATE
 get A1111's shape."""
 
 
-def sampler(name: Optional[str], schedule: Optional[str] = None) -> SchedulerName:
-    """The scheduler for an A1111 sampler (by name or alias, any case) and schedule type; an
+def sampler(name: Optional[str], schedule: Optional[str] = None) -> Sampler:
+    """The sampler for an A1111 sampler name (its label or an alias, any case) and schedule type; an
     ``InvalidRequest`` (400) naming the valid ones otherwise."""
     wanted = (name or "Euler").strip().lower()
-    found = next((s for label, s in SAMPLERS.items()
-                  if wanted in (label.lower(), s.value, *SAMPLER_ALIASES.get(label, []))), None)
+    found = next((spec for spec in SAMPLERS if wanted in (spec.label.lower(), spec.name, *spec.aliases)), None)
     if found is None:
-        raise InvalidRequest(f"sampler {name!r} is not available; valid samplers: {', '.join(SAMPLERS)}",
-                             field="sampler_name")
+        raise InvalidRequest(f"sampler {name!r} is not available; valid samplers: "
+                             f"{', '.join(spec.label for spec in SAMPLERS)}", field="sampler_name")
     kind = (schedule or "Automatic").strip().lower()
     if kind == "automatic":
-        return found
-    if kind == "karras" and found in (SchedulerName.dpmpp_2m, SchedulerName.dpmpp_2m_karras):
-        return SchedulerName.dpmpp_2m_karras
+        return Sampler(found.name)
+    if kind == "karras" and found.name in ("dpmpp_2m", "dpmpp_2m_karras"):
+        return Sampler("dpmpp_2m_karras")
     raise InvalidRequest(f"schedule type {schedule!r} is not available for {name or 'Euler'}; valid: "
                          f"Automatic, or Karras with DPM++ 2M", field="scheduler")
 
@@ -127,6 +113,11 @@ def sampler(name: Optional[str], schedule: Optional[str] = None) -> SchedulerNam
 def uses_refiner(req: A1111Txt2ImgRequest) -> bool:
     named = (req.refiner_checkpoint or "").strip() not in ("", "None", "none")
     return named and (req.refiner_switch_at is None or req.refiner_switch_at < 1)
+
+
+def parse_body(body: Any) -> list[GenerateRequest]:
+    """A raw txt2img body as the native request it runs (the gateway's parser for this route)."""
+    return [to_generate_request(A1111Txt2ImgRequest.model_validate(body))]
 
 
 def to_generate_request(req: A1111Txt2ImgRequest) -> GenerateRequest:
@@ -147,11 +138,9 @@ def to_generate_request(req: A1111Txt2ImgRequest) -> GenerateRequest:
     try:
         return GenerateRequest.model_validate(fields)
     except ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
-        detail = error["msg"].removeprefix("Value error, ")
-        if not error["loc"]:
+        name, detail = first_error(exc)
+        if name is None:
             raise InvalidRequest(detail) from None
-        name = str(error["loc"][0])
         if name == "num_images":
             raise InvalidRequest(f"batch_size x n_iter is {req.batch_size} x {req.n_iter} = "
                                  f"{req.batch_size * req.n_iter} images; the limit is 8", field="batch_size") from None
@@ -164,14 +153,11 @@ def to_a1111_response(req: A1111Txt2ImgRequest, generated: GenerateRequest, imag
     """A1111's txt2img answer; ``info`` is a JSON string, with the real seeds and each image's infotext.
     Images the safety check withheld are left out (counted in ``extra_generation_params``); all
     withheld: ``ContentFiltered`` (400)."""
-    kept = [image for image in images if image.data]
-    if images and not kept:
-        raise ContentFiltered(f"{'the image was' if len(images) == 1 else f'all {len(images)} images were'} "
-                              "withheld by the safety check")
+    kept = kept_images(images)
     withheld, images = len(images) - len(kept), kept
     count = len(images)
     seeds = [image.seed for image in images]
-    label = next(label for label, s in SAMPLERS.items() if s == generated.scheduler)
+    label = sampler_label(generated.scheduler.value)
     extra: dict[str, Any] = {}
     if generated.refine.value != "none":
         extra = {"Refiner": req.refiner_checkpoint, "Refiner switch at": generated.high_noise_frac}
@@ -271,8 +257,7 @@ def sd_models(models: list[Any]) -> list[dict[str, Any]]:
 
 
 def samplers() -> list[dict[str, Any]]:
-    return [{"name": label, "aliases": SAMPLER_ALIASES.get(label, []), "options": SAMPLER_OPTIONS.get(label, {})}
-            for label in SAMPLERS]
+    return [{"name": spec.label, "aliases": list(spec.aliases), "options": dict(spec.options)} for spec in SAMPLERS]
 
 
 def interrupt(scheduler: Scheduler | None, owners: JobOwners | None, caller: str | None) -> int:
@@ -283,14 +268,6 @@ def interrupt(scheduler: Scheduler | None, owners: JobOwners | None, caller: str
     running: list[Job] = list(scheduler._running)
     mine = [job for job in running if caller is None or (owners is not None and owners.owner(job) == caller)]
     return sum(1 for job in mine if scheduler.cancel(job))
-
-
-def caller_of(request: Request) -> tuple[bool, str | None]:
-    """(known, name): the gateway's principal for this request; name None for the open service."""
-    principal = request.scope.get("state", {}).get("principal")
-    if principal is None:
-        return False, None
-    return True, None if principal.anonymous else principal.name
 
 
 def a1111_app(get_scheduler: Callable[[], Scheduler | None], models: Callable[[], list[Any]], *,
@@ -314,7 +291,7 @@ def a1111_app(get_scheduler: Callable[[], Scheduler | None], models: Callable[[]
         return JSONResponse(samplers())
 
     async def stop(request: Request) -> JSONResponse:
-        known, caller = caller_of(request)
+        known, caller = caller_name(request.scope)
         if keys_in_use and (not known or caller is None):
             return a1111_error(401, "a valid API key is required (Authorization: Bearer KEY or X-API-Key: KEY)")
         interrupt(get_scheduler(), owners, caller)

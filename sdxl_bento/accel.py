@@ -1,7 +1,7 @@
 """Making the exact SDXL computation fast: compilation, CUDA graphs, a low-precision VAE decode.
 
 The eager diffusers step is bound by CPU-side kernel launches (the GPU is busy about 43 of every 69 ms on an
-H100, ``../shared/reference/PERFORMANCE.md``), so the largest wins remove launches rather than FLOPs:
+H100: the reference figures in BENCHMARKS.md), so the largest wins remove launches rather than FLOPs:
 
 - **regional compilation**: only the repeated ``BasicTransformerBlock`` is compiled (diffusers'
   ``compile_repeated_blocks``), once for all its instances, so a cold compile takes seconds, not the

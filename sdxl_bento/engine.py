@@ -14,7 +14,7 @@ import time
 import weakref
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional
+from typing import Any
 
 import torch
 from PIL import Image
@@ -23,81 +23,12 @@ from . import accel
 from .accel import Acceleration, Decoder
 from .deepcache import deep_cache
 from .errors import InvalidRequest
+from .jobs import APPROXIMATIONS, KINDS, BatchKey, StepCallback, Work
+from .samplers import BY_NAME as SAMPLERS
 from .models import LoadedPipeline, ModelManager
 from .store import StoredPipeline
 
 logger = logging.getLogger(__name__)
-
-StepCallback = Callable[[int, int], None]
-"""Called after each denoising step with (steps done, steps in total); it may raise to abort the batch."""
-
-_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler",
-                        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
-    "ddim": ("DDIMScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
-SCHEDULER_NAMES = tuple(_SCHEDULERS)
-
-
-Kind = Literal["txt2img", "refine", "img2img", "inpaint"]
-KINDS: tuple[str, ...] = ("txt2img", "refine", "img2img", "inpaint")
-Approximation = Literal["none", "deepcache"]
-APPROXIMATIONS: tuple[str, ...] = ("none", "deepcache")
-
-
-@dataclass(frozen=True)
-class BatchKey:
-    """What must be equal for works to share one pipeline call."""
-
-    kind: Kind
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    scheduler: str
-    refine: str = "none"
-    high_noise_frac: float = 0.8
-    strength: float = 0.3
-    """``refine`` and ``img2img``/``inpaint``: how much of the input is re-noised; refine mode ``img2img``:
-    the refiner's strength."""
-    has_negative: bool = False
-    """An empty negative prompt uses zero embeddings, a non-empty one is encoded: not mixable."""
-    model: str = ""
-    """The base checkpoint's model store tag (``name`` or ``name:version``); empty: the default base."""
-    loras: tuple[tuple[str, float], ...] = ()
-    """(LoRA name in the model store, weight) pairs, active for the whole batch; empty: none."""
-    approximation: Approximation = "none"
-    """``deepcache``: reuse the UNet's deep features between steps (faster, changes the image; opt-in)."""
-
-    def total_steps(self) -> int:
-        if self.kind in ("refine", "img2img", "inpaint"):
-            return max(1, int(self.steps * self.strength))
-        if self.refine == "img2img":
-            return self.steps + max(1, int(self.steps * self.strength))
-        return self.steps
-
-
-@dataclass
-class Work:
-    """One request's share of a batch: a prompt and one seed per image."""
-
-    key: BatchKey
-    prompt: str
-    negative_prompt: str
-    seeds: list[int]
-    init_images: Optional[list[Any]] = None
-    """For ``refine``, ``img2img`` and ``inpaint``: one PIL image per seed."""
-    mask_images: Optional[list[Any]] = None
-    """For ``inpaint``: one PIL mask per seed; white is repainted, black kept."""
-
-    @property
-    def num_images(self) -> int:
-        return len(self.seeds)
-
 
 @dataclass
 class LoadedModels:
@@ -215,10 +146,6 @@ class Engine:
             scheduler_configs=self._scheduler_configs,
         )
 
-    @property
-    def has_refiner(self) -> bool:
-        return self._refiner is not None
-
     def add_checkpoint(self, stored: StoredPipeline, pinned: bool = False) -> str:
         """Make another base checkpoint available to ``BatchKey.model`` (loaded on first use)."""
         return self.manager.register(stored, pinned=pinned)
@@ -226,11 +153,11 @@ class Engine:
     def _scheduler(self, config: Any, name: str):
         import diffusers
 
-        if name not in _SCHEDULERS:
-            raise InvalidRequest(f"scheduler: unknown scheduler {name!r}; valid: {', '.join(SCHEDULER_NAMES)}",
+        if name not in SAMPLERS:
+            raise InvalidRequest(f"scheduler: unknown scheduler {name!r}; valid: {', '.join(SAMPLERS)}",
                                  field="scheduler")
-        cls_name, overrides = _SCHEDULERS[name]
-        return getattr(diffusers, cls_name).from_config(config, **overrides)
+        spec = SAMPLERS[name]
+        return getattr(diffusers, spec.scheduler).from_config(config, **spec.config)
 
     def _check(self, key: BatchKey) -> None:
         if key.kind not in KINDS:

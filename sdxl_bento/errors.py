@@ -6,8 +6,9 @@ Every error the service returns has one JSON shape: ``{"error": {"type", "messag
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 
 class ServiceError(Exception):
@@ -135,3 +136,40 @@ def to_response(exc: ServiceError):
     from starlette.responses import JSONResponse
 
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+
+def invalid(exc: Any, prefix: str = "") -> InvalidRequest:
+    """A pydantic ``ValidationError`` as one readable 400: ``steps: Input should be less than or equal to 100``."""
+    error = exc.errors(include_url=False)[0]
+    where = ".".join(str(part) for part in error["loc"])
+    name = f"{prefix}{where}" if where else prefix.rstrip(".")
+    message = error["msg"].removeprefix("Value error, ")
+    return InvalidRequest(f"{name}: {message}" if name else message, field=name or None)
+
+
+def native_error(exc: Exception) -> Any:
+    """The service's own shape for a ``ServiceError`` or a pydantic ``ValidationError``."""
+    from pydantic import ValidationError
+
+    return to_response(invalid(exc) if isinstance(exc, ValidationError) else exc)  # type: ignore[arg-type]
+
+
+def answers_in(shape: Callable[[Exception], Any] = native_error):
+    """Decorator for a BentoML API method taking ``ctx``: a ``ServiceError`` or pydantic ``ValidationError``
+    it raises is answered as ``shape(exc)`` (the service's shape, or a foreign API's). BentoML would hide the
+    message of a 5xx, and it copies ``ctx.response.status_code`` onto the answer, so the status is set there."""
+    from pydantic import ValidationError
+
+    def decorate(func):
+        @functools.wraps(func)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await func(*args, **kwargs)
+            except (ValidationError, ServiceError) as exc:
+                response = shape(exc)
+                kwargs["ctx"].response.status_code = response.status_code
+                return response
+
+        return wrapper
+
+    return decorate

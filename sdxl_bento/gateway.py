@@ -27,7 +27,8 @@ from .errors import InvalidRequest, PayloadTooLarge, ServiceError, ShuttingDown,
 from .errors import Unauthorized
 from .policy import Admission, police
 from .ratelimit import Limit, RateLimiter
-from .routes import Route, RouteTable, invalid
+from .errors import invalid
+from .routes import Route, RouteTable
 from .signing import INTERNAL_HEADERS, Signer
 
 logger = logging.getLogger(__name__)

@@ -19,9 +19,10 @@ from typing import Any, Callable
 
 from .auth import OPEN_PRINCIPAL, Principal
 from .cache import CachedImage, Coalescer, ResultCache, cache_key
-from .engine import BatchKey, Work
+from . import samplers
+from .jobs import BatchKey, Work
 from .errors import Cancelled, DeadlineExceeded, InvalidRequest, NotFound, ServiceError, Unavailable
-from .images import MEDIA_TYPES, SAMPLER_LABELS, ImageStore, encode, infotext
+from .images import MEDIA_TYPES, ImageStore, encode, infotext
 from .policy import Admission, check_size, max_pixels, may_use, owner_of, police
 from .safety import ImageGuard, PromptPolicy, Watermarker
 from .signing import Signer
@@ -192,8 +193,8 @@ class Generation:
         params = req.model_dump(mode="json", exclude={"return_base64", "caller"})
         params["seeds"] = work.seeds
         params["owner"] = owner_of(principal)  # no key learns from a hit what another key asked for
-        uses_refiner = work.key.kind == "refine" or work.key.refine != "none"
-        model = (work.key.model or self.models.base_tag) + (f"+{self.models.refiner_tag}" if uses_refiner else "")
+        model = (work.key.model or self.models.base_tag) + (f"+{self.models.refiner_tag}" if work.key.uses_refiner
+                                                             else "")
         return cache_key(params, model, req.output_format.value)
 
     # -- running -----------------------------------------------------------------------------
@@ -319,7 +320,7 @@ class Generation:
 
     def parameters(self, req: Request, key: BatchKey, seed: int) -> dict[str, Any]:
         params: dict[str, Any] = {
-            "Steps": key.steps, "Sampler": SAMPLER_LABELS[key.scheduler], "CFG scale": key.guidance_scale,
+            "Steps": key.steps, "Sampler": samplers.label(key.scheduler), "CFG scale": key.guidance_scale,
             "Seed": seed, "Size": f"{key.width}x{key.height}", "Model": key.model or self.models.base_tag,
         }
         if key.loras:

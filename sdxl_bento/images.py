@@ -34,8 +34,6 @@ logger = logging.getLogger(__name__)
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
-SAMPLER_LABELS = {"euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M",
-                  "dpmpp_2m_karras": "DPM++ 2M Karras", "ddim": "DDIM", "unipc": "UniPC"}
 
 
 def infotext(prompt: str, negative_prompt: str, params: dict[str, Any]) -> str:

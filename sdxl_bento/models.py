@@ -292,14 +292,6 @@ class ModelManager:
                 self.default = stored.tag
         return stored.tag
 
-    def pin(self, tag: str, pinned: bool = True) -> None:
-        with self._lock:
-            tag = self.resolve(tag)
-            stored, _ = self._registered[tag]
-            self._registered[tag] = (stored, pinned)
-            if tag in self._loaded:
-                self._loaded[tag].pinned = pinned
-
     def add_shared(self, name: str, module_holder: Any) -> None:
         """Keep another pipeline's modules (the refiner) in the memory accounting; they are never unloaded."""
         with self._lock:
@@ -536,11 +528,6 @@ class ModelManager:
     def register_lora(self, name: str, stored: StoredLora) -> None:
         with self._lock:
             self._loras[name] = stored
-
-    def refresh_loras(self) -> None:
-        """Forget which store entry each LoRA name resolved to (``name`` alone then finds a newer version)."""
-        with self._lock:
-            self._loras.clear()
 
     def lora(self, name: str) -> StoredLora:
         """The stored LoRA for a request's name (looked up in the model store once)."""

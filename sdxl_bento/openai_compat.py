@@ -25,12 +25,11 @@ import base64
 import re
 from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 from starlette.responses import JSONResponse
 
-from .compat import answers_in, given, wire_model
-from .errors import InvalidRequest, ServiceError
-from .safety import ContentFiltered
+from .compat import ForeignRequest, first_error, kept_images, wire_model
+from .errors import InvalidRequest, ServiceError, answers_in
 from .schemas import GenerateRequest
 
 if TYPE_CHECKING:
@@ -47,7 +46,7 @@ _PARAMS = {"width": "size", "height": "size", "num_images": "n", "output_format"
            "quality": "output_compression"}
 
 
-class OpenAIImageRequest(BaseModel):
+class OpenAIImageRequest(ForeignRequest):
     """OpenAI ``POST /v1/images/generations`` body (unknown fields are ignored, as listed above)."""
 
     model_config = ConfigDict(extra="ignore")
@@ -70,11 +69,6 @@ class OpenAIImageRequest(BaseModel):
     seed: Optional[int] = Field(None, description="Extension: seed of the first image (image i: seed+i).")
     steps: Optional[int] = Field(None, description="Extension: denoising steps, instead of quality.")
     guidance_scale: Optional[float] = Field(None, description="Extension: classifier-free guidance scale.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_absent(cls, data: Any) -> Any:
-        return given(data) if isinstance(data, dict) else data
 
     @field_validator("size")
     @classmethod
@@ -103,6 +97,11 @@ OpenAIImageWire = wire_model(OpenAIImageRequest, "OpenAIImageGenerationRequest")
 """BentoML ``input_spec`` for the route: the same fields, unchecked, so that errors get OpenAI's shape."""
 
 
+def parse_body(body: Any) -> list[GenerateRequest]:
+    """A raw body as the native request it runs (the gateway's parser for this route)."""
+    return [to_generate_request(OpenAIImageRequest.model_validate(body))]
+
+
 def to_generate_request(req: OpenAIImageRequest) -> GenerateRequest:
     """The native request; its limits apply. A value it refuses is an ``InvalidRequest`` naming the
     OpenAI parameter (``field``) that carried it."""
@@ -119,11 +118,10 @@ def to_generate_request(req: OpenAIImageRequest) -> GenerateRequest:
     try:
         return GenerateRequest.model_validate(fields)
     except ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
-        name = str(error["loc"][0]) if error["loc"] else _field_in(error["msg"])
+        field, detail = first_error(exc)
+        name = field or _field_in(detail)
         param = "quality" if name == "steps" and req.steps is None else _PARAMS.get(name, name)
-        detail = _message(error["msg"])
-        if error["loc"] and name != param:
+        if field and name != param:
             detail = f"{name}: {detail}"
         if param == "size":
             message = f"size {req.size} is not supported ({detail}). SDXL sizes: {', '.join(SDXL_SIZES)}"
@@ -138,10 +136,7 @@ def to_openai_response(images: list[CachedImage], revised_prompt: str, created: 
     each image's link (absolute, as OpenAI's are: see ``absolute_url``). Images the safety check withheld
     are left out (OpenAI's answer has no per-image flag); all withheld: ``ContentFiltered`` (400,
     code ``content_policy_violation``)."""
-    kept = [image for image in images if image.data]
-    if images and not kept:
-        raise ContentFiltered(f"{'the image was' if len(images) == 1 else f'all {len(images)} images were'} "
-                              "withheld by the safety check")
+    kept = kept_images(images)
     key = "b64_json" if response_format == "b64_json" else "url"
     data = [{key: base64.b64encode(image.data).decode("ascii") if key == "b64_json" else url_for(image.id),
              "revised_prompt": revised_prompt} for image in kept]
@@ -196,14 +191,15 @@ def from_validation_error(exc: ValidationError) -> JSONResponse:
                         if error["type"] == "missing" else "invalid_value", param)
 
 
-def _to_openai(exc: Exception) -> JSONResponse:
+def error_response(exc: Exception) -> JSONResponse:
+    """Any error of this route (a ``ServiceError`` or a pydantic ``ValidationError``) in OpenAI's shape."""
     if isinstance(exc, ValidationError):
         return from_validation_error(exc)
     assert isinstance(exc, ServiceError)
     return from_service_error(exc)
 
 
-answers_openai_errors = answers_in(_to_openai)
+answers_openai_errors = answers_in(error_response)
 """Decorator for the API method: every error it raises is answered in OpenAI's shape."""
 
 

@@ -2,9 +2,10 @@
 native requests.
 
 The gateway reads no field of a body itself. For a generation route it calls the route's ``parse``, which
-validates the body with the same models the API method uses (an adapter's body is mapped onto
-``GenerateRequest`` as the method maps it), and answers a refusal in that route's API shape (``shape``).
-``service.py`` builds the table once; the lists of generation, task and protected routes derive from it.
+validates the body with the same models the API method uses (a foreign API's adapter maps its body onto
+``GenerateRequest`` as its method does), and answers a refusal in that route's API shape (``shape``).
+``service.py`` builds the table once, from the adapters' parsers; the lists of generation, task and guarded
+routes derive from it.
 """
 
 from __future__ import annotations
@@ -12,32 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from . import a1111, openai_compat
-from .compat import given
-from .errors import InvalidRequest, ServiceError, to_response
+from .errors import native_error
 from .schemas import GenerateRequest
 
 Shape = Callable[[Exception], Any]
 """An error (``ServiceError`` or pydantic ``ValidationError``) -> a Starlette response."""
-
-
-def native_error(exc: Exception) -> Any:
-    """The service's own shape, ``{"error": {"type", "message", ...}}``."""
-    if isinstance(exc, ValidationError):
-        exc = invalid(exc)
-    assert isinstance(exc, ServiceError)
-    return to_response(exc)
-
-
-def invalid(exc: ValidationError, prefix: str = "") -> InvalidRequest:
-    """A pydantic error as one readable 400: ``steps: Input should be less than or equal to 100``."""
-    error = exc.errors(include_url=False)[0]
-    where = ".".join(str(part) for part in error["loc"])
-    name = f"{prefix}{where}" if where else prefix.rstrip(".")
-    message = error["msg"].removeprefix("Value error, ")
-    return InvalidRequest(f"{name}: {message}" if name else message, field=name or None)
 
 
 @dataclass(frozen=True)
@@ -63,22 +45,6 @@ def single(model: type[BaseModel]) -> Callable[[Any], list[Any]]:
 
 def batch_items(body: Any) -> list[GenerateRequest]:
     return _BatchBody.model_validate(body).requests
-
-
-def openai_request(body: Any) -> list[GenerateRequest]:
-    oreq = openai_compat.OpenAIImageRequest.model_validate(given(body) if isinstance(body, dict) else body)
-    return [openai_compat.to_generate_request(oreq)]
-
-
-def a1111_request(body: Any) -> list[GenerateRequest]:
-    areq = a1111.A1111Txt2ImgRequest.model_validate(given(body) if isinstance(body, dict) else body)
-    return [a1111.to_generate_request(areq)]
-
-
-def openai_error(exc: Exception) -> Any:
-    if isinstance(exc, ValidationError):
-        return openai_compat.from_validation_error(exc)
-    return openai_compat.from_service_error(exc)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -122,16 +88,15 @@ class RouteTable:
         return path if path in self.public else "other"
 
 
-def table(task_models: dict[str, type[BaseModel]], native: dict[str, type[BaseModel]]) -> RouteTable:
-    """The service's routes: ``native`` single-request routes and ``task_models`` task prefixes by their
-    input model, plus the batch, OpenAI and AUTOMATIC1111 routes."""
+def table(native: dict[str, type[BaseModel]], tasks: dict[str, type[BaseModel]], *, foreign: dict[str, Route],
+          mounted: dict[str, Shape]) -> RouteTable:
+    """The service's routes: ``native`` single-request routes and ``tasks`` prefixes by their input model, the
+    batch route, the ``foreign`` APIs' generation routes (their adapters' parsers and error shapes), and the
+    ``mounted`` apps the gateway guards (a signed link can also open ``/images``)."""
     generation = {path: Route(path, single(model)) for path, model in native.items()}
-    for prefix, model in task_models.items():
+    for prefix, model in tasks.items():
         generation[prefix] = Route(prefix, single(model))  # BentoML also serves a task as a plain call
         generation[f"{prefix}/submit"] = Route(f"{prefix}/submit", single(model), task=True)
     generation["/generate_batch"] = Route("/generate_batch", batch_items, batch=True)
-    generation["/v1/images/generations"] = Route("/v1/images/generations", openai_request, openai_error)
-    generation["/sdapi/v1/txt2img"] = Route("/sdapi/v1/txt2img", a1111_request, a1111.from_error)
-    return RouteTable(generation=generation, task_prefixes=tuple(task_models),
-                      mounted={"/sdapi/v1": a1111.from_error, "/models": native_error, "/images": native_error},
-                      open_reads=("/images",))
+    generation.update(foreign)
+    return RouteTable(generation=generation, task_prefixes=tuple(tasks), mounted=mounted, open_reads=("/images",))

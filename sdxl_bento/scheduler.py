@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, Protocol
 
-from .engine import StepCallback, Work
+from .jobs import StepCallback, Work
 from .gpu import Throttle
 from .vram import VramBudget, run_with_oom_retry
 from .errors import Cancelled, DeadlineExceeded, GenerationFailed, Overloaded, ServiceError, ShuttingDown

@@ -15,16 +15,9 @@ from typing import Annotated, Any, ClassVar, Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
+from .samplers import Sampler
+
 MAX_SEED = 2**32 - 1
-
-
-class Scheduler(str, Enum):
-    euler = "euler"
-    euler_a = "euler_a"
-    dpmpp_2m = "dpmpp_2m"
-    dpmpp_2m_karras = "dpmpp_2m_karras"
-    ddim = "ddim"
-    unipc = "unipc"
 
 
 class RefineMode(str, Enum):
@@ -72,7 +65,8 @@ class _Request(BaseModel):
     steps: Annotated[int, Field(ge=1, le=100, description="Denoising steps.")] = 30
     guidance_scale: Annotated[float, Field(ge=0, le=20, description="Classifier-free guidance scale.")] = 5.0
     seed: Annotated[Optional[int], Field(ge=0, le=MAX_SEED, description="Random when absent; always returned.")] = None
-    scheduler: Scheduler = Scheduler.euler
+    scheduler: Annotated[Sampler, Field(description="The sampler (``GET /sdapi/v1/samplers`` lists them by their "
+                                                    "AUTOMATIC1111 names).")] = Sampler.euler
     output_format: OutputFormat = OutputFormat.png
     quality: Annotated[int, Field(ge=1, le=100, description="JPEG/WebP quality.")] = 90
     return_base64: Annotated[bool, Field(description="Also return each image as base64 in JSON answers.")] = False

@@ -1,8 +1,8 @@
 """The task routes, answered from the journal: status, result, cancellation and progress of every task.
 
-BentoML's local server keeps task state in ``$BENTOML_HOME/task_result.db``, which ``bentoml serve``
-re-creates at every start, and on ``PUT /<task>/cancel`` only marks the row cancelled while the work runs
-on (see NOTES). So the journal (``journal.py``, in the state folder) is the one record of a task: its
+BentoML 1.4.39's local server keeps task state in ``$BENTOML_HOME/task_result.db``, which ``bentoml serve``
+deletes and re-creates at every start, and on ``PUT /<task>/cancel`` only marks the row cancelled (answering
+400) while the work runs on. So the journal (``journal.py``, in the state folder) is the one record of a task: its
 owner, state, reason and, once it ended, its answer. ``TaskControl``, an ASGI middleware behind the
 gateway, lets BentoML create and run tasks (``submit``, ``retry``) and answers ``status``, ``get`` and
 ``cancel`` itself, the same before and after a restart; BentoML's table is only its runner's. The

@@ -5,13 +5,12 @@ import base64
 import json
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from pydantic import ValidationError
 from starlette.testclient import TestClient
 
-from sdxl_bento import a1111
+from sdxl_bento import a1111, compat
 from sdxl_bento.auth import DEFAULT_TIERS, OPEN_PRINCIPAL, Principal
 from sdxl_bento.cache import CachedImage
 from sdxl_bento.engine import BatchKey, Work
@@ -205,7 +204,7 @@ def test_app_routes(scheduler, tmp_path: Path):
         assert set(listed[0]) == {"title", "model_name", "hash", "sha256", "filename", "config"}
         assert listed[0]["model_name"] == "sdxl-base" and listed[1]["hash"] == "ab" * 5
         samplers = client.get("/samplers").json()
-        assert [s["name"] for s in samplers] == list(a1111.SAMPLERS)
+        assert [s["name"] for s in samplers] == [spec.label for spec in a1111.SAMPLERS]
         assert all(set(s) == {"name", "aliases", "options"} for s in samplers)
         (job,) = scheduler.submit([Work(KEY, "a", "", [1])], timeout=30)
         assert scheduler.engine_for_test.started.wait(5)
@@ -220,20 +219,21 @@ def test_interrupt_needs_a_principal_when_keys_are_in_use(scheduler):
         assert answer.status_code == 401 and answer.json()["error"] == "HTTPException"
 
 
-def test_caller_of():
-    def request(principal):
-        return SimpleNamespace(scope={"state": {"principal": principal}} if principal else {})
+def test_caller_name():
+    def scope(principal):
+        return {"state": {"principal": principal}} if principal else {}
 
-    assert a1111.caller_of(request(None)) == (False, None)
-    assert a1111.caller_of(request(OPEN_PRINCIPAL)) == (True, None)
-    assert a1111.caller_of(request(Principal("team", DEFAULT_TIERS["free"], "abcd"))) == (True, "team")
+    assert compat.caller_name(scope(None)) == (False, None)
+    assert compat.caller_name(scope(OPEN_PRINCIPAL)) == (True, None)
+    assert compat.caller_name(scope(Principal("team", DEFAULT_TIERS["free"], "abcd"))) == (True, "team")
+    assert compat.caller_name(scope(Principal("open", DEFAULT_TIERS["free"], "abcd"))) == (True, "open")
 
 
 def test_wire_model_passes_the_tolerated_fields_on():
     wire = a1111.A1111Wire.model_validate({"prompt": "x", "restore_faces": True, "enable_hr": None, "bogus": 1})
     fields = {k: getattr(wire, k) for k in type(wire).model_fields}  # what BentoML hands the API method
     assert set(fields) == set(a1111.A1111Txt2ImgRequest.model_fields) | set(a1111.TOLERATED)
-    req = a1111.A1111Txt2ImgRequest.model_validate(a1111.given(fields))
+    req = a1111.A1111Txt2ImgRequest.model_validate(compat.given(fields))
     assert req.echo()["restore_faces"] is True and req.echo()["enable_hr"] is False
 
 

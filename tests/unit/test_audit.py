@@ -13,7 +13,8 @@ import pytest
 
 from sdxl_bento.audit import FIELDS as AUDIT_FIELDS
 from sdxl_bento.audit import PARAMETERS, AuditLog
-from sdxl_bento.schemas import GenerateRequest, InpaintRequest, RefineRequest, Scheduler
+from sdxl_bento.samplers import Sampler
+from sdxl_bento.schemas import GenerateRequest, InpaintRequest, RefineRequest
 
 FIELDS = {"key_name": "marketing", "tier": "standard", "endpoint": "/txt2img", "prompt": "a red fox\nin snow",
           "negative_prompt": "blurry", "parameters": {"seed": 42, "steps": 30, "width": 1024}, "model": "sdxl-base:v1",
@@ -57,7 +58,7 @@ def test_odd_values_still_give_valid_json(tmp_path, capsys):
     path = tmp_path / "audit.log"
     log = AuditLog(path, stdout=True)
     log.record(request_id=object.__new__(type("Id", (), {"__str__": lambda self: "id-1"})),
-               queue_s=float("nan"), parameters={"seeds": [float("inf"), 7], "scheduler": Scheduler.euler_a},
+               queue_s=float("nan"), parameters={"seeds": [float("inf"), 7], "scheduler": Sampler.euler_a},
                model=tmp_path, prompt="lone \ud800 surrogate")
     log.close()
     (line,) = _lines(path)

@@ -53,7 +53,7 @@ def test_postprocess_benchmark_reports_every_figure(tmp_path):
         assert encode[name]["bytes_vs_png_level_6"] > 0
     assert encode["png_level_6"]["bytes_vs_png_level_6"] == 1.0
     assert encode["png_level_0"]["bytes"] > encode["png_level_1"]["bytes"]  # level 0 stores, does not compress
-    assert encode["service_default_level"] == 6  # the service encodes PNG at Pillow's default, level 6
+    assert encode["service_png_encoding"] == "level 6, Z_RLE"  # the service's PNG: Pillow's level, run-length
     assert encode["png_level_1_rle_lossless"] is True
     assert set(result["encode_batch"]) == {f"png_level_{v}_{how}" for v in ("6", "1", "1_rle")
                                            for how in ("serial", "threads")}

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from sdxl_bento.engine import SCHEDULER_NAMES, BatchKey, Work
+from sdxl_bento.engine import BatchKey, Work
+from sdxl_bento.samplers import BY_NAME as SAMPLERS
 
 KEY = BatchKey(kind="txt2img", width=256, height=256, steps=4, guidance_scale=5.0, scheduler="euler_a")
 
@@ -39,7 +40,7 @@ def test_negative_prompts_differ_from_none(engine):
     assert np.abs(pixels(with_negative) - pixels(without)).mean() > 1
 
 
-@pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
+@pytest.mark.parametrize("scheduler", list(SAMPLERS))
 @pytest.mark.parametrize("refine", ["none", "ensemble", "img2img"])
 def test_every_scheduler_and_refine_mode_runs(engine, scheduler, refine):
     key = BatchKey(kind="txt2img", width=256, height=256, steps=4, guidance_scale=5.0, scheduler=scheduler,

@@ -7,13 +7,18 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from sdxl_bento import routes
-from sdxl_bento.errors import InvalidRequest
+from sdxl_bento import a1111, openai_compat, routes
+from sdxl_bento.errors import InvalidRequest, native_error
 from sdxl_bento.schemas import GenerateRequest, Img2ImgRequest, InpaintRequest, RefineRequest
 
-TABLE = routes.table({"/jobs": GenerateRequest, "/img2img_jobs": Img2ImgRequest, "/inpaint_jobs": InpaintRequest},
-                     {"/txt2img": GenerateRequest, "/generate": GenerateRequest, "/refine": RefineRequest,
-                      "/img2img": Img2ImgRequest, "/inpaint": InpaintRequest})
+TABLE = routes.table(
+    {"/txt2img": GenerateRequest, "/generate": GenerateRequest, "/refine": RefineRequest, "/img2img": Img2ImgRequest,
+     "/inpaint": InpaintRequest}, {"/jobs": GenerateRequest, "/img2img_jobs": Img2ImgRequest,
+                                   "/inpaint_jobs": InpaintRequest},
+    foreign={"/v1/images/generations": routes.Route("/v1/images/generations", openai_compat.parse_body,
+                                                    openai_compat.error_response),
+             "/sdapi/v1/txt2img": routes.Route("/sdapi/v1/txt2img", a1111.parse_body, a1111.from_error)},
+    mounted={"/sdapi/v1": a1111.from_error, "/models": native_error, "/images": native_error})
 
 
 def parse(path: str, body):
