@@ -22,30 +22,55 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.staticfiles import StaticFiles
 
-from sdxl_bento import a1111, openai_compat, routes, schemas, store, upstream
-from sdxl_bento.audit import AuditLog
-from sdxl_bento.auth import OPEN_PRINCIPAL, KeyFile, Principal
-from sdxl_bento.cache import make_cache
-from sdxl_bento.compat import given
-from sdxl_bento.errors import Cancelled, InvalidRequest, answers_in, native_error, ModelMissing, NotFound, ServiceError, Unauthorized, to_response
-from sdxl_bento.gateway import DEADLINE_HEADER, Gateway
-from sdxl_bento.generation import Generation, ModelInfo, RequestContext
-from sdxl_bento.gpu import NvmlSource, StaticSource, Throttle, ThrottleState
-from sdxl_bento.images import ImageStore, parse_id
-from sdxl_bento.journal import TaskJournal
-from sdxl_bento.policy import may_use
-from sdxl_bento.ratelimit import JobSlots, RateLimiter
-from sdxl_bento.retention import RetentionSweeper
-from sdxl_bento.replicas import TaskDirectory
-from sdxl_bento.safety import ContentFiltered, ImageGuard, PromptPolicy, Watermarker, load_checker
-from sdxl_bento.models import find_lora, list_loras
-from sdxl_bento.schemas import BatchRequest, GenerateRequest, GenerateResponse, Img2ImgRequest, InpaintRequest, RefineRequest
+from sdxl_bento import schemas
+from sdxl_bento.adapters import a1111
+from sdxl_bento.adapters import openai as openai_compat
+from sdxl_bento.adapters.common import given
+from sdxl_bento.core.cache import make_cache
+from sdxl_bento.core.generation import Generation, ModelInfo, RequestContext
+from sdxl_bento.core.images import ImageStore, parse_id
+from sdxl_bento.core.policy import OPEN_PRINCIPAL, Principal, may_use
+from sdxl_bento.core.prompts import PromptPolicy
+from sdxl_bento.core.safety import ImageGuard
+from sdxl_bento.core.watermark import Watermarker
+from sdxl_bento.errors import (
+    Cancelled,
+    ContentFiltered,
+    InvalidRequest,
+    ModelMissing,
+    NotFound,
+    ServiceError,
+    Unauthorized,
+    answers_in,
+    native_error,
+    to_response,
+)
+from sdxl_bento.gpu.checkers import load_checker
+from sdxl_bento.gpu.thermal import NvmlSource, StaticSource, Throttle, ThrottleState, start_gpu_telemetry
+from sdxl_bento.gpu.vram import SDXL_FP16, VramBudget
+from sdxl_bento.http import routes, upstream
+from sdxl_bento.http.audit import AuditLog
+from sdxl_bento.http.auth import KeyFile
+from sdxl_bento.http.gateway import DEADLINE_HEADER, Gateway
+from sdxl_bento.http.journal import TaskJournal
+from sdxl_bento.http.ratelimit import JobSlots, RateLimiter
+from sdxl_bento.http.replicas import TaskDirectory
+from sdxl_bento.http.retention import RetentionSweeper
+from sdxl_bento.http.shutdown import Drain
+from sdxl_bento.http.signing import Signer
+from sdxl_bento.http.tasks import TaskCancelled, TaskControl, TaskRegistry
+from sdxl_bento.schemas import (
+    BatchRequest,
+    GenerateRequest,
+    GenerateResponse,
+    Img2ImgRequest,
+    InpaintRequest,
+    RefineRequest,
+)
 from sdxl_bento.settings import Settings, tags
-from sdxl_bento.shutdown import Drain
-from sdxl_bento.signing import Signer
-from sdxl_bento.tasks import TaskCancelled, TaskControl, TaskRegistry
-from sdxl_bento.telemetry import metrics, start_gpu_telemetry
-from sdxl_bento.vram import SDXL_FP16, VramBudget
+from sdxl_bento.store import modelstore as store
+from sdxl_bento.store.loras import find_lora, list_loras
+from sdxl_bento.telemetry import metrics
 
 logger = logging.getLogger("sdxl_bento.service")
 
@@ -182,8 +207,9 @@ class SDXL:
     def __init__(self) -> None:
         import torch
 
-        from sdxl_bento.engine import Engine, pick_device
-        from sdxl_bento.scheduler import Scheduler
+        from sdxl_bento.gpu.accel import Acceleration
+        from sdxl_bento.gpu.engine import Engine, pick_device
+        from sdxl_bento.gpu.scheduler import Scheduler
 
         base = store.from_model(self.base_model)
         refiner = store.from_model(self.refiner_model) if _with_refiner else None
@@ -201,7 +227,10 @@ class SDXL:
             logger.warning("%d task(s) were unfinished when the service last stopped: marked failed (restart)", lost)
         device, _ = pick_device(settings.device)
         self.engine = Engine(base, refiner, device=device, budget_bytes=settings.model_budget_bytes,
-                             acceleration=settings.acceleration(device), deepcache_interval=settings.deepcache_interval)
+                             acceleration=Acceleration.resolve(
+                                 device, compile=settings.compile, cuda_graphs=settings.cuda_graphs,
+                                 vae_dtype=settings.vae_decode, compile_cache=settings.compile_cache_dir,
+                                 max_graphs=settings.max_cuda_graphs), deepcache_interval=settings.deepcache_interval)
         pinned = set(tags(settings.pinned_checkpoints))
         for tag in tags(settings.checkpoints):
             self.engine.add_checkpoint(store.resolve(tag, "base"), pinned=tag in pinned)
@@ -249,8 +278,8 @@ class SDXL:
             public_url=settings.public_url, metrics=metrics(), guard=guard, watermarker=Watermarker(watermark),
             policy=PromptPolicy.load(settings.policy_file) if settings.policy_file else None,
             resolve_model=self.engine.manager.resolve, has_lora=lambda name: find_lora(name) is not None,
-            max_upload_bytes=settings.max_upload_bytes, signer=signer if keys is not None else None,
-            url_ttl_s=settings.image_url_ttl_s,
+            max_upload_bytes=settings.max_upload_bytes,
+            sign_link=(lambda image_id: signer.image_query(image_id, settings.image_url_ttl_s)) if keys else None,
         )
 
     def __is_ready__(self) -> bool:

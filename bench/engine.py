@@ -6,7 +6,7 @@ both compute the same function.
     .venv/bin/python bench/engine.py --preset tiny --size 256 --steps 8               # on a CPU: the harness
 
 The reference is ``StableDiffusionXLPipeline`` as a user would run it (fp16 on CUDA, float32 on the
-CPU, default attention, Euler). Ours is ``sdxl_bento.engine.Engine`` as the service runs it (loaded
+CPU, default attention, Euler). Ours is ``sdxl_bento.gpu.engine.Engine`` as the service runs it (loaded
 from a model store entry made here from the same weights, with the service's acceleration settings,
 which the flags override). Both start from the same seed; the final latents must agree within fp16
 tolerance (relative error < 1e-2), so a speed-up never silently changes the image; the pixel
@@ -73,9 +73,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def build(args: argparse.Namespace, compile_cache: Path):
     """The model store entries and our engine, as the service builds them."""
-    from sdxl_bento import store
-    from sdxl_bento.accel import Acceleration
-    from sdxl_bento.engine import Engine, pick_device
+    from sdxl_bento.gpu.accel import Acceleration
+    from sdxl_bento.gpu.engine import Engine, pick_device
+    from sdxl_bento.store import modelstore as store
 
     device, dtype = pick_device("auto")
     if args.only_ready:  # the parent's model store: load only, as a restarted service does
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     import diffusers
     from diffusers import StableDiffusionXLPipeline
 
-    from sdxl_bento.engine import BatchKey, Work
+    from sdxl_bento.gpu.engine import BatchKey, Work
 
     engine, stored, device, dtype, ready_s = build(args, args.compile_cache)
     size, steps = args.size, args.steps
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _driver() -> str | None:
-    from sdxl_bento.gpu import NvmlSource
+    from sdxl_bento.gpu.thermal import NvmlSource
 
     nvml = NvmlSource.open()
     return nvml.driver_version() if nvml else None

@@ -231,7 +231,7 @@ def part_tensor_to_pil(args: argparse.Namespace, images: list[Image.Image]) -> d
 
 
 def part_encode(args: argparse.Namespace, images: list[Image.Image], text: str) -> dict[str, Any]:
-    from sdxl_bento.images import encode
+    from sdxl_bento.core.images import encode
 
     image = images[0]
     cases: dict[str, Case] = {f"png_level_{level}": (lambda level=level: png_bytes(image, level, text))
@@ -285,7 +285,7 @@ def filesystem_of(path: Path) -> str:
 
 
 def part_store(args: argparse.Namespace, image: Image.Image, text: str, root: Path) -> dict[str, Any]:
-    from sdxl_bento.images import ImageStore, encode
+    from sdxl_bento.core.images import ImageStore, encode
 
     store = ImageStore(root)
     payloads = {"png_level_6": (png_bytes(image, 6, text), "png"), "png_level_1": (png_bytes(image, 1, text), "png"),
@@ -323,7 +323,7 @@ def watermark_vectorized(image: Image.Image) -> Image.Image:
     import cv2
     import pywt
 
-    from sdxl_bento.safety import WATERMARK_BITS
+    from sdxl_bento.core.watermark import WATERMARK_BITS
 
     if min(image.size) < 256:
         return image
@@ -341,7 +341,7 @@ def watermark_vectorized(image: Image.Image) -> Image.Image:
 
 
 def part_watermark(args: argparse.Namespace, images: list[Image.Image]) -> dict[str, Any]:
-    from sdxl_bento.safety import Watermarker
+    from sdxl_bento.core.watermark import Watermarker
 
     marker = Watermarker(True)
     out = run_cases({"watermarker_batch_1": lambda: marker.apply(images[:1]),
@@ -365,7 +365,7 @@ def full_size_checkers() -> dict[str, Any]:
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPImageProcessor, ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-    from sdxl_bento.safety import ClassifierChecker, StableDiffusionSafetyCheckerAdapter
+    from sdxl_bento.gpu.checkers import ClassifierChecker, StableDiffusionSafetyCheckerAdapter
 
     torch.manual_seed(0)
     # CompVis/stable-diffusion-safety-checker: CLIP ViT-L/14 vision tower, 224 px, projection 768.
@@ -391,7 +391,8 @@ def full_size_checkers() -> dict[str, Any]:
 
 
 def tiny_checkers(root: Path) -> dict[str, Any]:
-    from sdxl_bento.safety import build_synthetic_classifier, build_synthetic_sd_checker, load_checker
+    from sdxl_bento.gpu.checkers import load_checker
+    from sdxl_bento.store.synth import build_synthetic_classifier, build_synthetic_sd_checker
 
     sd = load_checker("sd-safety-checker", build_synthetic_sd_checker(root / "tiny-sd"))
     classifier = load_checker("classifier", build_synthetic_classifier(root / "tiny-classifier"))
@@ -402,7 +403,7 @@ def tiny_checkers(root: Path) -> dict[str, Any]:
 def part_safety(args: argparse.Namespace, images: list[Image.Image], checkers: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from sdxl_bento.safety import ImageGuard
+    from sdxl_bento.core.safety import ImageGuard
 
     out: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "note": (
         "review = preprocessing + the model + ImageGuard; the full-size models' forward on this CPU is not what a "
@@ -447,10 +448,10 @@ class InstantEngine:
 
 
 def part_scheduler(args: argparse.Namespace, image: Image.Image, store_root: Path) -> dict[str, Any]:
-    from sdxl_bento.engine import BatchKey, Work
-    from sdxl_bento.generation import Generation, ModelInfo
-    from sdxl_bento.images import ImageStore
-    from sdxl_bento.scheduler import Scheduler
+    from sdxl_bento.core.generation import Generation, ModelInfo
+    from sdxl_bento.core.images import ImageStore
+    from sdxl_bento.gpu.engine import BatchKey, Work
+    from sdxl_bento.gpu.scheduler import Scheduler
 
     scheduler = Scheduler(InstantEngine(image), max_batch_requests=4, max_batch_images=8, max_jobs=32)
     scheduler.start()
@@ -483,10 +484,11 @@ def part_scheduler(args: argparse.Namespace, image: Image.Image, store_root: Pat
 def part_generation_store(args: argparse.Namespace, images: list[Image.Image], store_root: Path,
                           tiny_sd: Any, pool: ThreadPoolExecutor) -> dict[str, Any]:
     """``Generation.store`` as the service calls it after the GPU, and a proposed path for comparison."""
-    from sdxl_bento.engine import BatchKey, Work
-    from sdxl_bento.generation import Generation, ModelInfo
-    from sdxl_bento.images import ImageStore, infotext
-    from sdxl_bento.safety import ImageGuard, Watermarker
+    from sdxl_bento.core.generation import Generation, ModelInfo
+    from sdxl_bento.core.images import ImageStore, infotext
+    from sdxl_bento.core.safety import ImageGuard
+    from sdxl_bento.core.watermark import Watermarker
+    from sdxl_bento.gpu.engine import BatchKey, Work
     from sdxl_bento.schemas import GenerateRequest
 
     store = ImageStore(store_root)
@@ -547,7 +549,8 @@ def part_generation_store(args: argparse.Namespace, images: list[Image.Image], s
 
 def part_gil(args: argparse.Namespace, images: list[Image.Image], text: str,
              checkers: dict[str, Any]) -> dict[str, Any]:
-    from sdxl_bento.safety import ImageGuard, Watermarker
+    from sdxl_bento.core.safety import ImageGuard
+    from sdxl_bento.core.watermark import Watermarker
 
     image = images[0]
     marker = Watermarker(True)
@@ -588,7 +591,7 @@ def part_http(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SDXL_BENTO_")}
     env.update(BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="true", PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "sdxl_bento.cli", "models", "synth", "--preset", "tiny"], cwd=REPO, env=env,
+    subprocess.run([sys.executable, "-m", "sdxl_bento.cli.main", "models", "synth", "--preset", "tiny"], cwd=REPO, env=env,
                    check=True, capture_output=True, timeout=600)
     out: dict[str, Any] = {"model": "tiny synthetic SDXL base (sdxl-bento models synth --preset tiny), CPU float32",
                            "steps": args.http_steps, "synth_s": round(time.perf_counter() - started, 2),
@@ -739,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     store_root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    from sdxl_bento.images import infotext
+    from sdxl_bento.core.images import infotext
 
     images = [natural_image(args.size, args.seed + i) for i in range(max(1, args.batch))]
     text = infotext(PROMPT, NEGATIVE, {"Steps": 30, "Sampler": "Euler", "CFG scale": 5.0, "Seed": 1234,

@@ -81,7 +81,7 @@ def worker_rss(proc: subprocess.Popen) -> int:
 def run(tasks: int, clients: int, sample_every: int) -> dict:
     root = Path(tempfile.mkdtemp(prefix="sdxl-soak-"))
     home = root / "bentoml-home"
-    subprocess.run([sys.executable, "-m", "sdxl_bento.cli", "models", "synth", "--preset", "tiny"], check=True,
+    subprocess.run([sys.executable, "-m", "sdxl_bento.cli.main", "models", "synth", "--preset", "tiny"], check=True,
                    cwd=REPO, env={**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"},
                    capture_output=True)
     port = free_port()

@@ -7,13 +7,11 @@ so tests can build one with plain keyword arguments.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import Literal, Optional
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-if TYPE_CHECKING:
-    from .accel import Acceleration
 
 
 class Settings(BaseSettings):
@@ -194,13 +192,6 @@ class Settings(BaseSettings):
 
     audit_max_bytes: int = Field(default=50 * 2**20, ge=4096)
     """Size at which the audit file rotates (5 backups kept)."""
-
-    def acceleration(self, device: str) -> "Acceleration":
-        from .accel import Acceleration
-
-        return Acceleration.resolve(device, compile=self.compile, cuda_graphs=self.cuda_graphs,
-                                    vae_dtype=self.vae_decode, compile_cache=self.compile_cache_dir,
-                                    max_graphs=self.max_cuda_graphs)
 
     def warmup(self, device: str) -> tuple[int, int]:
         size = ("1024x1024" if device == "cuda" else "256x256") if self.warmup_size == "auto" else self.warmup_size

@@ -82,19 +82,3 @@ class Metrics:
     def redis_failed(self) -> None:
         """A rate-limit or job-slot call that Redis failed (the limits then hold per process)."""
         self.ratelimit_redis_failures.inc()
-
-
-def start_gpu_telemetry(throttle: Any, interval_s: float = 5.0) -> None:
-    """Refresh the throttle and the per-GPU gauges in the background (no-op readings without a GPU)."""
-    import threading
-    import time
-
-    from .gpu import gpu_metrics
-
-    def loop() -> None:
-        while True:
-            state = throttle.update()
-            gpu_metrics().update(throttle.readings, state)
-            time.sleep(interval_s)
-
-    threading.Thread(target=loop, name="sdxl-gpu-telemetry", daemon=True).start()

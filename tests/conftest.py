@@ -27,15 +27,15 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def bentoml_home() -> Path:
     """The temporary BENTOML_HOME, holding tiny synthetic sdxl-base and sdxl-refiner."""
-    subprocess.run([sys.executable, "-m", "sdxl_bento.cli", "models", "synth", "--preset", "tiny", "--refiner"],
+    subprocess.run([sys.executable, "-m", "sdxl_bento.cli.main", "models", "synth", "--preset", "tiny", "--refiner"],
                    check=True, cwd=REPO, env=os.environ.copy(), capture_output=True)
     return _HOME
 
 
 @pytest.fixture(scope="session")
 def engine(bentoml_home):
-    from sdxl_bento import store
-    from sdxl_bento.engine import Engine
+    from sdxl_bento.gpu.engine import Engine
+    from sdxl_bento.store import modelstore as store
 
     return Engine(store.resolve("sdxl-base:latest", "base"), store.resolve("sdxl-refiner:latest", "refiner"),
                   device="cpu")

@@ -24,7 +24,8 @@ def test_bentoml_build_packs_service_package_and_models(bentoml_home):
     models = {m["tag"].split(":")[0] for m in service["models"]}
     assert models == {"sdxl-base", "sdxl-refiner"}
     assert info["entry_service"] == "sdxl" and info["labels"]["project"] == "sdxl-bento"
-    for path in ("service.py", "sdxl_bento/engine.py", "sdxl_bento/scheduler.py", "sdxl_bento/sdxl_configs.json"):
+    for path in ("service.py", "sdxl_bento/gpu/engine.py", "sdxl_bento/gpu/scheduler.py", "sdxl_bento/http/gateway.py",
+                 "sdxl_bento/sdxl_configs.json", "sdxl_bento/ui/index.html"):
         assert (bento / "src" / path).is_file(), path
     assert not (bento / "src" / "tests").exists()
     dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()

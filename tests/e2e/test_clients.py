@@ -21,7 +21,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from sdxl_bento.images import read_parameters
+from sdxl_bento.core.images import read_parameters
 
 from .conftest import REPO, Server, private_home, service_env
 
@@ -170,7 +170,7 @@ def keyed(bentoml_home, tmp_path_factory):
     path.write_text(yaml.safe_dump({"keys": []}))
     made = {}
     for name, tier in [("free", "free"), ("other", "premium"), ("boss", "premium")]:
-        out = subprocess.run([sys.executable, "-m", "sdxl_bento.cli", "keys", "add", name, "--tier", tier,
+        out = subprocess.run([sys.executable, "-m", "sdxl_bento.cli.main", "keys", "add", name, "--tier", tier,
                               "--file", str(path)], capture_output=True, text=True, check=True)
         made[name] = out.stdout.strip().splitlines()[-1]
     srv = Server(service_env(private_home(bentoml_home, root), root / "images", keys_file=path, concurrency=2,
@@ -229,11 +229,11 @@ def test_interrupt_with_keys_stops_only_the_callers_generation(keyed):
 @pytest.fixture(scope="module")
 def guarded(bentoml_home, tmp_path_factory):
     """A service whose NSFW checker (a tiny synthetic classifier, threshold 0) withholds every image."""
-    from sdxl_bento.safety import build_synthetic_classifier
+    from sdxl_bento.store.synth import build_synthetic_classifier
 
     root = tmp_path_factory.mktemp("clients-safety")
     build_synthetic_classifier(root / "checker")
-    subprocess.run([sys.executable, "-m", "sdxl_bento.cli", "models", "import", str(root / "checker"), "--role",
+    subprocess.run([sys.executable, "-m", "sdxl_bento.cli.main", "models", "import", str(root / "checker"), "--role",
                     "safety", "--kind", "classifier", "--tag", "clients-safety"], check=True, capture_output=True)
     policy = root / "policy.yaml"
     policy.write_text(yaml.safe_dump({"words": [{"id": "no-weapons", "word": "bazooka"}]}))
@@ -265,7 +265,7 @@ def test_safety_answers_in_each_api_shape(guarded, tmp_path):
 
 # -- the CLI --------------------------------------------------------------------------------------
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sdxl_bento.cli", "generate", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "sdxl_bento.cli.main", "generate", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -304,7 +304,7 @@ def test_cli_generate_server_errors_are_sentences(server, tmp_path):
 def test_cli_ctrl_c_cancels_the_task(server, http, tmp_path):
     # The CLI starts with SIGINT at its default, as in a terminal: a test run launched in the background
     # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
-    proc = subprocess.Popen([sys.executable, "-m", "sdxl_bento.cli", "generate", "a slow one", "-o",
+    proc = subprocess.Popen([sys.executable, "-m", "sdxl_bento.cli.main", "generate", "a slow one", "-o",
                              str(tmp_path / "slow.png"), "--server", server.url, "--size", "512x512", "--steps", "100"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

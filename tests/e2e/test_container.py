@@ -107,7 +107,7 @@ def mounted_store(tmp_path) -> tuple[Path, str]:
     """A fresh tiny store, made on the host by the project's own command: the container must serve it."""
     home = tmp_path / "bentoml-home"
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
-    subprocess.run([sys.executable, "-m", "sdxl_bento.cli", "models", "synth", "--preset", "tiny", "--refiner"],
+    subprocess.run([sys.executable, "-m", "sdxl_bento.cli.main", "models", "synth", "--preset", "tiny", "--refiner"],
                    check=True, cwd=REPO, env=env, capture_output=True, timeout=600)
     (version,) = [p.name for p in (home / "models" / "sdxl-base").iterdir() if p.is_dir()]
     # BentoML saves each model folder 0700; the container's user (uid 1034) must read the store

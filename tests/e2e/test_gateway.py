@@ -45,7 +45,7 @@ def keys(tmp_path_factory):
     for name, tier in [("alice", "free"), ("bob", "free"), ("carol", "free"), ("dave", "free"),
                        ("limited", "standard"), ("shared", "standard"), ("boss", "premium"), ("vip", "premium"),
                        ("solo", "premium")]:
-        out = subprocess.run([sys.executable, "-m", "sdxl_bento.cli", "keys", "add", name, "--tier", tier,
+        out = subprocess.run([sys.executable, "-m", "sdxl_bento.cli.main", "keys", "add", name, "--tier", tier,
                               "--file", str(path)], capture_output=True, text=True, check=True)
         made[name] = out.stdout.strip().splitlines()[-1]
     data = yaml.safe_load(path.read_text())

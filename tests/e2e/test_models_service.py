@@ -22,7 +22,7 @@ SMALL = {"width": 256, "height": 256, "steps": 4}
 
 
 def cli(*args: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "sdxl_bento.cli", *args], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "sdxl_bento.cli.main", *args], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
 

@@ -10,8 +10,8 @@ import httpx
 import pytest
 import yaml
 
-from sdxl_bento.engine import BatchKey, Work
-from sdxl_bento.safety import build_synthetic_classifier
+from sdxl_bento.gpu.engine import BatchKey, Work
+from sdxl_bento.store.synth import build_synthetic_classifier
 
 from .conftest import private_home, service_env, serving
 
@@ -28,11 +28,11 @@ def safe_server(bentoml_home, engine, tmp_path_factory):
     key = BatchKey(kind="txt2img", width=256, height=256, steps=4, guidance_scale=5.0, scheduler="euler")
     (image,), = engine.generate([Work(key, "probe", "", [1])])
     build_synthetic_classifier(root / "checker", flag_color=(255, 0, 0))
-    from sdxl_bento.safety import ClassifierChecker
+    from sdxl_bento.gpu.checkers import ClassifierChecker
 
     (score,) = ClassifierChecker(root / "checker").scores([image])
     assert 0 <= score < 1e-3
-    subprocess.run([sys.executable, "-m", "sdxl_bento.cli", "models", "import", str(root / "checker"), "--role",
+    subprocess.run([sys.executable, "-m", "sdxl_bento.cli.main", "models", "import", str(root / "checker"), "--role",
                     "safety", "--kind", "classifier", "--tag", "test-safety"], check=True, capture_output=True)
     policy = root / "policy.yaml"
     policy.write_text(yaml.safe_dump({"words": [{"id": "no-weapons", "word": "bazooka"}],

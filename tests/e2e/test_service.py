@@ -13,8 +13,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from sdxl_bento.client import Client
-from sdxl_bento.images import read_parameters
+from sdxl_bento.cli.client import Client
+from sdxl_bento.core.images import read_parameters
 
 pytestmark = pytest.mark.e2e
 SMALL = {"width": 256, "height": 256, "steps": 4}

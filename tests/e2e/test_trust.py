@@ -20,7 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from .conftest import private_home, redis_process, service_env, serving
 
@@ -35,7 +36,7 @@ TIERS = {"free": FREE, "premium": {"burst_requests": 1000, "requests_per_minute"
 
 
 def add_key(path: Path, name: str, tier: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "sdxl_bento.cli", "keys", "add", name, "--tier", tier,
+    out = subprocess.run([sys.executable, "-m", "sdxl_bento.cli.main", "keys", "add", name, "--tier", tier,
                           "--file", str(path)], capture_output=True, text=True, check=True)
     return out.stdout.strip().splitlines()[-1]
 

@@ -10,14 +10,15 @@ import pytest
 from pydantic import ValidationError
 from starlette.testclient import TestClient
 
-from sdxl_bento import a1111, compat
-from sdxl_bento.auth import DEFAULT_TIERS, OPEN_PRINCIPAL, Principal
-from sdxl_bento.cache import CachedImage
-from sdxl_bento.engine import BatchKey, Work
+from sdxl_bento.adapters import a1111
+from sdxl_bento.adapters import common as compat
+from sdxl_bento.core.cache import CachedImage
+from sdxl_bento.core.policy import DEFAULT_TIERS, OPEN_PRINCIPAL, Principal
 from sdxl_bento.errors import Overloaded, ServiceError
-from sdxl_bento.scheduler import JobState, Scheduler
+from sdxl_bento.gpu.engine import BatchKey, Work
+from sdxl_bento.gpu.scheduler import JobState, Scheduler
 from sdxl_bento.schemas import GenerateRequest
-from sdxl_bento.store import StoredPipeline
+from sdxl_bento.store.modelstore import StoredPipeline
 
 
 def mapped(**body) -> GenerateRequest:

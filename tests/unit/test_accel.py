@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from sdxl_bento.accel import Acceleration, Decoder, UNetGraphs, eager, graph_inputs, graphs_of, signature
-from sdxl_bento.engine import BatchKey, Engine, Work
+from sdxl_bento.gpu.accel import Acceleration, Decoder, UNetGraphs, eager, graph_inputs, graphs_of, signature
+from sdxl_bento.gpu.engine import BatchKey, Engine, Work
 
 KEY = BatchKey(kind="txt2img", width=256, height=256, steps=3, guidance_scale=5.0, scheduler="euler")
 
@@ -22,7 +22,7 @@ def pixels(image):
 
 @pytest.fixture(scope="module")
 def pipes():
-    from sdxl_bento.synth import build_pipelines
+    from sdxl_bento.store.synth import build_pipelines
 
     base, refiner = build_pipelines("tiny", refiner=True, seed=0)
     base.set_progress_bar_config(disable=True)
@@ -58,7 +58,7 @@ def test_decoder_in_the_pipeline_dtype_gives_the_pipelines_pixels(pipes):
 
 
 def test_engine_with_the_bfloat16_decoder_keeps_the_image(bentoml_home, engine):
-    from sdxl_bento import store
+    from sdxl_bento.store import modelstore as store
 
     fast = Engine(store.resolve("sdxl-base:latest", "base"), device="cpu",
                   acceleration=Acceleration(vae_dtype=torch.bfloat16))
@@ -84,9 +84,9 @@ def test_deepcache_through_the_engine_changes_the_image_deterministically(engine
 _COMPILE_RUN = r"""
 import json, sys, torch
 from torch._dynamo.utils import counters
-from sdxl_bento import store
-from sdxl_bento.accel import Acceleration
-from sdxl_bento.engine import BatchKey, Engine, Work
+from sdxl_bento.store import modelstore as store
+from sdxl_bento.gpu.accel import Acceleration
+from sdxl_bento.gpu.engine import BatchKey, Engine, Work
 key = BatchKey(kind="txt2img", width=256, height=256, steps=3, guidance_scale=5.0, scheduler="euler")
 stored = store.resolve("sdxl-base:latest", "base")
 plain = Engine(stored, device="cpu", acceleration=Acceleration())
@@ -129,9 +129,9 @@ def test_regional_compilation_is_the_same_function_and_its_cache_survives_a_rest
 _BROKEN_COMPILER_RUN = r"""
 import logging, sys, torch
 logging.basicConfig(level=logging.ERROR)
-from sdxl_bento import store
-from sdxl_bento.accel import Acceleration
-from sdxl_bento.engine import BatchKey, Engine, Work
+from sdxl_bento.store import modelstore as store
+from sdxl_bento.gpu.accel import Acceleration
+from sdxl_bento.gpu.engine import BatchKey, Engine, Work
 engine = Engine(store.resolve("sdxl-base:latest", "base"), device="cpu",
                 acceleration=Acceleration(compile="regional", compile_cache=sys.argv[1]))
 engine.warmup()

@@ -11,8 +11,8 @@ import threading
 
 import pytest
 
-from sdxl_bento.audit import FIELDS as AUDIT_FIELDS
-from sdxl_bento.audit import PARAMETERS, AuditLog
+from sdxl_bento.http.audit import FIELDS as AUDIT_FIELDS
+from sdxl_bento.http.audit import PARAMETERS, AuditLog
 from sdxl_bento.samplers import Sampler
 from sdxl_bento.schemas import GenerateRequest, InpaintRequest, RefineRequest
 
@@ -191,7 +191,7 @@ def test_a_failing_disk_does_not_fail_the_request(tmp_path, caplog):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
     log = AuditLog(blocker / "audit.log")
-    with caplog.at_level(logging.ERROR, logger="sdxl_bento.audit"):
+    with caplog.at_level(logging.ERROR, logger="sdxl_bento.http.audit"):
         log.record(**FIELDS)
     assert "could not be written" in caplog.text
     blocker.unlink()

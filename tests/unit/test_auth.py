@@ -8,13 +8,14 @@ import signal
 import stat
 import threading
 import time
-import tomllib
 
 import pytest
+import tomllib
 import yaml
 
-from sdxl_bento import cli
-from sdxl_bento.auth import DEFAULT_TIERS, OPEN_PRINCIPAL, OPEN_TIER, KeyFile, KeyStore, Principal, add_key, extract_key
+from sdxl_bento.cli import main as cli
+from sdxl_bento.core.policy import DEFAULT_TIERS, OPEN_PRINCIPAL, OPEN_TIER, Principal
+from sdxl_bento.http.auth import KeyFile, KeyStore, add_key, extract_key
 
 KEY_A, KEY_B = "sk-sdxl-alpha", "sk-sdxl-bravo"
 SHA_A, SHA_B = (hashlib.sha256(k.encode()).hexdigest() for k in (KEY_A, KEY_B))
@@ -305,7 +306,7 @@ def test_a_bad_file_keeps_the_keys_loaded_before(tmp_path, caplog):
     path = tmp_path / "keys.yaml"
     path.write_text(YAML_FILE)
     keys = KeyFile(path, check_every_s=0)
-    caplog.set_level(logging.INFO, logger="sdxl_bento.auth")
+    caplog.set_level(logging.INFO, logger="sdxl_bento.http.auth")
     for bad, problem in ((yaml.safe_dump(_entry(tier="gold")), "unknown tier 'gold'"),
                          ("keys: [unclosed", "not valid YAML"),
                          ("", "the file is empty"),

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from sdxl_bento.cache import CachedImage, Coalescer, EmbeddedCache, RedisCache, cache_key, make_cache
-from sdxl_bento.images import ImageStore
+from sdxl_bento.core.cache import CachedImage, Coalescer, EmbeddedCache, RedisCache, cache_key, make_cache
+from sdxl_bento.core.images import ImageStore
 
 REDIS_SERVER = shutil.which("redis-server")
 needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not on PATH")
@@ -210,7 +210,7 @@ def test_a_dead_redis_is_a_miss_never_an_error(tmp_path, caplog):
         cache.put("k", images)
         assert cache.get("k") == images
         _stop(proc)
-        with caplog.at_level(logging.WARNING, logger="sdxl_bento.cache"):
+        with caplog.at_level(logging.WARNING, logger="sdxl_bento.core.cache"):
             started = time.monotonic()
             assert cache.get("k") is None
             cache.put("k2", images)  # silent

@@ -8,10 +8,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sdxl_bento.checkpoint import (
-    CLIP_G_PREFIX, SGM_PREFIXES, clip_g_to_sgm, clip_l_to_sgm, save_single_file, unet_to_sgm, vae_to_sgm,
+from sdxl_bento.store.checkpoint import (
+    CLIP_G_PREFIX,
+    SGM_PREFIXES,
+    clip_g_to_sgm,
+    clip_l_to_sgm,
+    save_single_file,
+    unet_to_sgm,
+    vae_to_sgm,
 )
-from sdxl_bento.synth import build_pipelines
+from sdxl_bento.store.synth import build_pipelines
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 

@@ -7,8 +7,8 @@ import json
 import httpx
 import pytest
 
-from sdxl_bento import cli_generate
-from sdxl_bento.cli_generate import error_sentence, generate, output_paths
+from sdxl_bento.cli import generate as cli_generate
+from sdxl_bento.cli.generate import error_sentence, generate, output_paths
 
 
 class FakeService:

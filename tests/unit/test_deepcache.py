@@ -7,8 +7,8 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from sdxl_bento.deepcache import deep_cache
-from sdxl_bento.synth import build_pipelines
+from sdxl_bento.gpu.deepcache import deep_cache
+from sdxl_bento.store.synth import build_pipelines
 
 SIZE, STEPS = 128, 6
 # Relative error at interval 3 over 6 steps, measured on the tiny model: 0.020 to 0.032 over seeds 1-4 for

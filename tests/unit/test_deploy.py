@@ -185,7 +185,7 @@ def _secret_example() -> dict:
 
 
 def test_settings_come_from_the_configmap_and_the_secret(rendered):
-    from sdxl_bento.auth import KeyStore
+    from sdxl_bento.http.auth import KeyStore
     from sdxl_bento.settings import Settings
 
     _, objs = rendered

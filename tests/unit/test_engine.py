@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sdxl_bento.engine import BatchKey, Work
+from sdxl_bento.gpu.engine import BatchKey, Work
 from sdxl_bento.samplers import BY_NAME as SAMPLERS
 
 KEY = BatchKey(kind="txt2img", width=256, height=256, steps=4, guidance_scale=5.0, scheduler="euler_a")
@@ -104,7 +104,7 @@ def test_each_worker_takes_its_own_gpu(monkeypatch):
     import torch
     from bentoml import server_context
 
-    from sdxl_bento.engine import pick_device
+    from sdxl_bento.gpu.engine import pick_device
 
     chosen = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

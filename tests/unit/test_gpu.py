@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from sdxl_bento.gpu import GpuReading, NvmlSource, StaticSource, Throttle, ThrottleState, gpu_metrics
+from sdxl_bento.gpu.thermal import GpuReading, NvmlSource, StaticSource, Throttle, ThrottleState, gpu_metrics
 
 
 class FakeClock:
@@ -120,7 +120,7 @@ def test_thresholds_must_be_ordered():
 
 def test_nvml_open_without_a_gpu_is_none(caplog):
     """This machine has no NVIDIA driver: absent, cleanly, with one INFO line (skips on a GPU machine)."""
-    with caplog.at_level(logging.INFO, logger="sdxl_bento.gpu"):
+    with caplog.at_level(logging.INFO, logger="sdxl_bento.gpu.thermal"):
         source = NvmlSource.open()
     if source is not None:  # a machine with a driver: the real readings must be well-formed
         try:
@@ -187,7 +187,7 @@ def test_nvml_source_maps_fields_and_logs_a_failure_once(caplog):
                                         memory_total_bytes=80 << 30, power_w=None, sm_clock_mhz=1980.0,
                                         mem_clock_mhz=2619.0)]
     nvml.broken = True
-    with caplog.at_level(logging.WARNING, logger="sdxl_bento.gpu"):
+    with caplog.at_level(logging.WARNING, logger="sdxl_bento.gpu.thermal"):
         assert source.read() == [] and source.read() == []
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
     nvml.broken = False

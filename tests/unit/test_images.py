@@ -7,8 +7,8 @@ import uuid
 import pytest
 from PIL import Image
 
+from sdxl_bento.core.images import ImageStore, StoredImage, SweepStats, encode, infotext, read_parameters
 from sdxl_bento.errors import InvalidRequest, NotFound
-from sdxl_bento.images import ImageStore, StoredImage, SweepStats, encode, infotext, read_parameters
 
 
 def test_infotext_follows_the_a1111_layout():

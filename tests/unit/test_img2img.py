@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sdxl_bento.engine import BatchKey, Work, prepare_image, prepare_mask
 from sdxl_bento.errors import InvalidRequest
+from sdxl_bento.gpu.engine import BatchKey, Work, prepare_image, prepare_mask
 
 SIZE = 64
 SEED = 4

@@ -2,7 +2,7 @@ import json
 import sqlite3
 from pathlib import Path
 
-from sdxl_bento.journal import TaskJournal, TaskRecord
+from sdxl_bento.http.journal import TaskJournal, TaskRecord
 
 OLD_SCHEMA = ("CREATE TABLE IF NOT EXISTS tasks (task_id TEXT PRIMARY KEY, status TEXT NOT NULL, reason TEXT, "
               "owner TEXT, created REAL NOT NULL, updated REAL NOT NULL)")

@@ -87,7 +87,7 @@ def test_the_installed_environment_is_exactly_the_lock():
 def test_version_prints_the_versions_that_run():
     import torch
 
-    out = subprocess.run([sys.executable, "-m", "sdxl_bento.cli", "--version"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "sdxl_bento.cli.main", "--version"], capture_output=True, text=True,
                          cwd=REPO)
     assert out.returncode == 0, out.stderr
     line = out.stdout.strip()

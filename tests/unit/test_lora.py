@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from sdxl_bento import store
-from sdxl_bento.engine import BatchKey, Work
 from sdxl_bento.errors import InvalidRequest
-from sdxl_bento.models import LORA_WEIGHT_NAME, find_lora, import_lora, inspect_lora, list_loras
-from sdxl_bento.synth import build_pipelines, configs
+from sdxl_bento.gpu.engine import BatchKey, Work
+from sdxl_bento.store import modelstore as store
+from sdxl_bento.store.loras import LORA_WEIGHT_NAME, find_lora, import_lora, inspect_lora, list_loras
+from sdxl_bento.store.synth import build_pipelines, configs
 
 KEY = BatchKey(kind="txt2img", width=64, height=64, steps=2, guidance_scale=5.0, scheduler="euler")
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from sdxl_bento import store
-from sdxl_bento.engine import BatchKey, Work
 from sdxl_bento.errors import InvalidRequest
-from sdxl_bento.models import ModelBudgetExceeded, ModelManager, module_bytes
-from sdxl_bento.synth import build_pipelines, configs
+from sdxl_bento.gpu.engine import BatchKey, Work
+from sdxl_bento.gpu.models import ModelBudgetExceeded, ModelManager, module_bytes
+from sdxl_bento.store import modelstore as store
+from sdxl_bento.store.synth import build_pipelines, configs
 
 KEY = BatchKey(kind="txt2img", width=64, height=64, steps=2, guidance_scale=5.0, scheduler="euler")
 
@@ -66,7 +66,7 @@ def test_loaded_on_demand_and_identical_components_shared(stored, caplog):
     m.on_swap = lambda tag, seconds: swaps.append((tag, seconds))
     assert m.loaded() == [] and m.last_swap_s is None
     assert not m.is_loaded("") and not m.is_loaded("finetune")
-    with caplog.at_level(logging.INFO, logger="sdxl_bento.models"):
+    with caplog.at_level(logging.INFO, logger="sdxl_bento.gpu.models"):
         base = m.ensure("")
         finetune = m.ensure("finetune:latest")
         other = m.ensure(stored["other"].tag)

@@ -6,10 +6,10 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from sdxl_bento import openai_compat as oa
-from sdxl_bento.cache import CachedImage
+from sdxl_bento.adapters import openai as oa
+from sdxl_bento.core.cache import CachedImage
 from sdxl_bento.errors import Overloaded, ServiceError
-from sdxl_bento.gateway import TooManyRequests
+from sdxl_bento.http.gateway import TooManyRequests
 from sdxl_bento.schemas import GenerateRequest
 
 

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from sdxl_bento.auth import DEFAULT_TIERS, OPEN_PRINCIPAL, Principal
+from sdxl_bento.core.policy import (
+    DEFAULT_TIERS,
+    OPEN_PRINCIPAL,
+    Principal,
+    check_size,
+    max_pixels,
+    may_use,
+    owner_of,
+    police,
+)
 from sdxl_bento.errors import Forbidden
-from sdxl_bento.policy import check_size, max_pixels, may_use, owner_of, police
 from sdxl_bento.schemas import GenerateRequest, Img2ImgRequest, RefineRequest
 
 FREE = Principal("alice", DEFAULT_TIERS["free"], "abcd1234")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from sdxl_bento.ratelimit import Decision, JobSlots, Limit, RateLimiter
+from sdxl_bento.http.ratelimit import Decision, JobSlots, Limit, RateLimiter
 
 REDIS_SERVER = shutil.which("redis-server")
 needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not on PATH (CI installs it)")
@@ -280,7 +280,7 @@ def test_redis_outage_falls_back_to_memory_and_comes_back(tmp_path, prefix, capl
         assert rl.take([("k", lim, 1)]).allowed and rl.backend == "redis" and not rl.degraded
 
         _stop(proc)
-        caplog.set_level(logging.INFO, logger="sdxl_bento.ratelimit")
+        caplog.set_level(logging.INFO, logger="sdxl_bento.http.ratelimit")
         t0 = time.monotonic()
         # local buckets start full: 3 allowed, then refused, and no exception
         assert [rl.take([("k", lim, 1)]).allowed for _ in range(4)] == [True, True, True, False]
@@ -290,7 +290,7 @@ def test_redis_outage_falls_back_to_memory_and_comes_back(tmp_path, prefix, capl
             time.sleep(0.01)
         # Redis was re-tried at most every 0.2 s, and the outage logged once
         assert 2 <= rl.redis_failures <= 4 and len(calls) == rl.redis_failures  # one call per failed Redis call
-        warnings = [r for r in caplog.records if r.name == "sdxl_bento.ratelimit" and r.levelno == logging.WARNING]
+        warnings = [r for r in caplog.records if r.name == "sdxl_bento.http.ratelimit" and r.levelno == logging.WARNING]
         assert len(warnings) == 1 and "unreachable" in warnings[0].getMessage()
 
         proc = _start_redis(port, tmp_path)  # a fresh server: empty script cache, stale pooled connection
@@ -298,7 +298,7 @@ def test_redis_outage_falls_back_to_memory_and_comes_back(tmp_path, prefix, capl
         d = rl.take([("k", lim, 1)])
         assert rl.backend == "redis" and not rl.degraded
         assert d.allowed and d.remaining == 2  # the new server has no state: a full bucket
-        assert any("back" in r.getMessage() for r in caplog.records if r.name == "sdxl_bento.ratelimit")
+        assert any("back" in r.getMessage() for r in caplog.records if r.name == "sdxl_bento.http.ratelimit")
         assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
         assert len(calls) == rl.redis_failures  # none since Redis came back
     finally:
@@ -402,7 +402,7 @@ def test_slots_are_shared_through_redis(redis_url, prefix):
 
 HOLDER = """
 import sys, time
-from sdxl_bento.ratelimit import JobSlots
+from sdxl_bento.http.ratelimit import JobSlots
 slots = JobSlots(sys.argv[1], prefix=sys.argv[2], lease_s=1.0)
 print(slots.acquire("k", 1), flush=True)
 time.sleep(60)
@@ -445,7 +445,7 @@ def test_slots_through_a_redis_outage(tmp_path, prefix, caplog):
         assert shared and not slots.degraded
 
         _stop(proc)
-        caplog.set_level(logging.INFO, logger="sdxl_bento.ratelimit")
+        caplog.set_level(logging.INFO, logger="sdxl_bento.http.ratelimit")
         local = slots.acquire("k", 2)  # counted here now, with the lease still held from Redis
         assert local and slots.degraded and slots.redis_failures == len(calls) == 1
         assert slots.acquire("k", 2) is None and slots.held("k") == 2

@@ -5,10 +5,10 @@ import time
 
 import pytest
 
+from sdxl_bento.core.images import ImageStore, SweepStats
 from sdxl_bento.errors import NotFound
-from sdxl_bento.images import ImageStore, SweepStats
-from sdxl_bento.journal import TaskJournal
-from sdxl_bento.retention import RetentionSweeper
+from sdxl_bento.http.journal import TaskJournal
+from sdxl_bento.http.retention import RetentionSweeper
 
 NOW = 1_000_000_000.0
 DAY = 86_400.0
@@ -50,7 +50,7 @@ def test_sweep_once_applies_the_age_bounds(parts, caplog):
     seen = []
     sweeper = RetentionSweeper(images, journal, image_max_age_s=7 * DAY, image_max_bytes=2**30,
                                task_max_age_s=7 * DAY, interval_s=300, on_sweep=lambda s, n: seen.append((s, n)))
-    with caplog.at_level(logging.INFO, logger="sdxl_bento.retention"):
+    with caplog.at_level(logging.INFO, logger="sdxl_bento.http.retention"):
         stats, pruned = sweeper.sweep_once(now=NOW)
     assert stats == SweepStats(expired=1, freed_bytes=10, remaining=1, remaining_bytes=10) and pruned == 1
     assert seen == [(stats, 1)]
@@ -59,7 +59,7 @@ def test_sweep_once_applies_the_age_bounds(parts, caplog):
     assert "deleted 1 images" in caplog.text and "pruned 1 ended tasks" in caplog.text
 
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="sdxl_bento.retention"):
+    with caplog.at_level(logging.INFO, logger="sdxl_bento.http.retention"):
         assert sweeper.sweep_once(now=NOW) == (SweepStats(remaining=1, remaining_bytes=10), 0)
     assert caplog.text == ""  # nothing removed, nothing logged
 
@@ -118,7 +118,7 @@ def test_bentoml_task_rows_go_once_their_task_ended_past_the_retention(tmp_path)
 
     from _bentoml_impl.tasks.result import Sqlite3Store
 
-    from sdxl_bento.retention import prune_runner_tasks
+    from sdxl_bento.http.retention import prune_runner_tasks
 
     db = tmp_path / "task_result.db"
     Sqlite3Store.init_db(str(db))

@@ -7,8 +7,10 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from sdxl_bento import a1111, openai_compat, routes
+from sdxl_bento.adapters import a1111
+from sdxl_bento.adapters import openai as openai_compat
 from sdxl_bento.errors import InvalidRequest, native_error
+from sdxl_bento.http import routes
 from sdxl_bento.schemas import GenerateRequest, Img2ImgRequest, InpaintRequest, RefineRequest
 
 TABLE = routes.table(

@@ -12,22 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdxl_bento.errors import ServiceError
-from sdxl_bento.safety import (
-    WATERMARK_BITS,
-    ClassifierChecker,
-    ContentFiltered,
-    ImageGuard,
-    PolicyMatch,
-    PromptPolicy,
-    StableDiffusionSafetyCheckerAdapter,
-    Verdict,
-    Watermarker,
-    build_synthetic_classifier,
-    build_synthetic_sd_checker,
-    load_checker,
-    normalize,
-)
+from sdxl_bento.core.prompts import PolicyMatch, PromptPolicy, normalize
+from sdxl_bento.core.safety import ImageGuard, Verdict
+from sdxl_bento.core.watermark import WATERMARK_BITS, Watermarker
+from sdxl_bento.errors import ContentFiltered, ServiceError
+from sdxl_bento.gpu.checkers import ClassifierChecker, StableDiffusionSafetyCheckerAdapter, load_checker
+from sdxl_bento.store.synth import build_synthetic_classifier, build_synthetic_sd_checker
 
 POLICY = textwrap.dedent(r"""
     words:

@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from sdxl_bento.engine import BatchKey, Work
 from sdxl_bento.errors import Cancelled, DeadlineExceeded, GenerationFailed, Overloaded, ServiceError, ShuttingDown
-from sdxl_bento.scheduler import JobState, Scheduler
+from sdxl_bento.gpu.engine import BatchKey, Work
+from sdxl_bento.gpu.scheduler import JobState, Scheduler
 
 A = BatchKey(kind="txt2img", width=256, height=256, steps=4, guidance_scale=5.0, scheduler="euler")
 B = BatchKey(kind="txt2img", width=512, height=256, steps=4, guidance_scale=5.0, scheduler="euler")
@@ -282,14 +282,14 @@ def test_without_aging_priority_is_strict():
 
 
 def hot(celsius):
-    from sdxl_bento.gpu import GpuReading
+    from sdxl_bento.gpu.thermal import GpuReading
 
     return [GpuReading(index=0, name="fake", temperature_c=celsius, utilization_pct=50, memory_used_bytes=0,
                        memory_total_bytes=1, power_w=None, sm_clock_mhz=None, mem_clock_mhz=None)]
 
 
 def test_a_hot_gpu_gets_smaller_batches_then_a_pause_then_resumes(make):
-    from sdxl_bento.gpu import StaticSource, Throttle
+    from sdxl_bento.gpu.thermal import StaticSource, Throttle
 
     source = StaticSource(hot(85))
     engine = FakeEngine(hold=True)
@@ -311,7 +311,7 @@ def test_a_hot_gpu_gets_smaller_batches_then_a_pause_then_resumes(make):
 
 
 def test_vram_budget_splits_batches():
-    from sdxl_bento.vram import MemoryModel, VramBudget
+    from sdxl_bento.gpu.vram import MemoryModel, VramBudget
 
     model = MemoryModel(bytes_per_pixel_image=1.0, fixed_bytes=0)
     budget = VramBudget(256 * 256 * 3, model)  # three 256x256 images fit

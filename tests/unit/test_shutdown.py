@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from sdxl_bento import shutdown
-from sdxl_bento.shutdown import Drain
+from sdxl_bento.http import shutdown
+from sdxl_bento.http.shutdown import Drain
 
 
 class FakeScheduler:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import stat
 from urllib.parse import parse_qs
 
-from sdxl_bento.signing import Signer
+from sdxl_bento.http.signing import Signer
 
 
 def test_image_links_expire_and_are_bound_to_their_image(tmp_path):

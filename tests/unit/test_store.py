@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from sdxl_bento import store
 from sdxl_bento.errors import ModelMissing
-from sdxl_bento.synth import build_pipelines, configs, sdxl_configs
+from sdxl_bento.store import modelstore as store
+from sdxl_bento.store.synth import build_pipelines, configs, sdxl_configs
 
 
 def test_full_preset_has_sdxl_1_0_shapes():
@@ -58,7 +58,7 @@ def test_bad_sources_get_clear_errors(bentoml_home, tmp_path):
                             ("./nowhere/at/all", "no such file or folder")]:
         with pytest.raises(ValueError, match=message):
             store.load_source(source, "base")
-    from sdxl_bento.models import import_lora
+    from sdxl_bento.store.loras import import_lora
 
     with pytest.raises(ValueError, match="no such file or folder, and not a Hugging Face repo id"):
         import_lora("./nowhere/lora.safetensors", "nowhere")
@@ -67,7 +67,7 @@ def test_bad_sources_get_clear_errors(bentoml_home, tmp_path):
 
 
 def test_cli_lists_models(bentoml_home):
-    out = subprocess.run([sys.executable, "-m", "sdxl_bento.cli", "models", "list"], check=True,
+    out = subprocess.run([sys.executable, "-m", "sdxl_bento.cli.main", "models", "list"], check=True,
                          capture_output=True, text=True).stdout
     assert "sdxl-base:" in out and "sdxl-refiner:" in out and "synthetic:tiny" in out
 
@@ -77,14 +77,14 @@ def test_import_a_single_file_checkpoint_with_the_cli(bentoml_home, tmp_path):
     import numpy as np
     import torch
 
-    from sdxl_bento.checkpoint import save_single_file
-    from sdxl_bento.engine import BatchKey, Engine, Work
+    from sdxl_bento.gpu.engine import BatchKey, Engine, Work
+    from sdxl_bento.store.checkpoint import save_single_file
 
     original, _ = build_pipelines("tiny", seed=5)
     checkpoint = save_single_file(original, tmp_path / "community.safetensors")
     config_pipe, _ = build_pipelines("tiny", seed=6)  # same architecture, other weights: configs only matter
     config_pipe.save_pretrained(tmp_path / "config")
-    out = subprocess.run([sys.executable, "-m", "sdxl_bento.cli", "models", "import", str(checkpoint), "--role", "base",
+    out = subprocess.run([sys.executable, "-m", "sdxl_bento.cli.main", "models", "import", str(checkpoint), "--role", "base",
                           "--tag", "community", "--dtype", "float32", "--config", str(tmp_path / "config")],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]

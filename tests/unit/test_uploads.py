@@ -8,8 +8,8 @@ import zlib
 import pytest
 from PIL import Image
 
+from sdxl_bento.core.uploads import decode_base64_image, decode_image
 from sdxl_bento.errors import InvalidRequest
-from sdxl_bento.uploads import decode_base64_image, decode_image
 
 LIMITS = dict(max_pixels=1024 * 1024, max_bytes=1 << 20)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from sdxl_bento import upstream
+from sdxl_bento.http import upstream
 
 
 async def _ok(scope, receive, send):

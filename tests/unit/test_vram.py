@@ -9,9 +9,16 @@ import pytest
 import torch
 
 from sdxl_bento.errors import ServiceError
-from sdxl_bento.vram import (
-    GiB, REFERENCE_PEAKS_BYTES, REFERENCE_WEIGHTS_BYTES, SDXL_FP16, MemoryModel, OutOfMemory, VramBudget,
-    is_cuda_oom, run_with_oom_retry,
+from sdxl_bento.gpu.vram import (
+    REFERENCE_PEAKS_BYTES,
+    REFERENCE_WEIGHTS_BYTES,
+    SDXL_FP16,
+    GiB,
+    MemoryModel,
+    OutOfMemory,
+    VramBudget,
+    is_cuda_oom,
+    run_with_oom_retry,
 )
 
 
@@ -175,7 +182,7 @@ def test_other_errors_propagate_without_retry():
 
 def test_oom_is_logged(caplog):
     gpu = FakeGpu(capacity=1)
-    with caplog.at_level(logging.WARNING, logger="sdxl_bento.vram"):
+    with caplog.at_level(logging.WARNING, logger="sdxl_bento.gpu.vram"):
         retry(gpu, [1, 1])
     assert "out of GPU memory on a batch of 2 requests" in caplog.text
 

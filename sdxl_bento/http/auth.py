@@ -1,4 +1,4 @@
-"""API keys, the tier each key belongs to, and the per-request limits a tier sets.
+"""API keys and the keys file: which key is which principal, in which tier (the tiers: ``core/policy.py``).
 
 Keys are stored only as SHA-256 hashes, so a leaked keys file gives no one access; the raw key is
 shown once, by ``add_key``, and never appears in a repr, a log line or an error message.
@@ -40,93 +40,16 @@ import stat
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
-from .errors import Unauthorized
+from ..core.policy import DEFAULT_TIERS, OVERRIDABLE, Principal, Tier
 
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "sk-sdxl-"
 _RAW_KEY = re.compile(re.escape(KEY_PREFIX) + r"\S*")
-
-@dataclass(frozen=True)
-class Tier:
-    name: str
-    priority: int
-    """Higher goes first in the queue."""
-    requests_per_minute: float
-    images_per_minute: float
-    burst_requests: int
-    """Capacity of the request bucket."""
-    burst_images: int
-    """Capacity of the image bucket."""
-    max_concurrent_jobs: int
-    max_pixels: int
-    """Largest width x height."""
-    max_steps: int
-    max_images: int
-    """Most images in one request."""
-    default_deadline_s: float
-    refiner_allowed: bool
-    safety_optional: bool
-    """May this tier turn the NSFW check off."""
-
-    def __post_init__(self) -> None:
-        for name, kind in _TIER_TYPES.items():
-            value = getattr(self, name)
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                object.__setattr__(self, name, value := float(value))
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise ValueError(f"{name} must be {kind.__name__}, not {value!r}")
-            if kind in (int, float) and name != "priority" and not value > 0:
-                raise ValueError(f"{name} must be above 0, not {value!r}")
-        if not self.name:
-            raise ValueError("a tier needs a name")
-
-
-_TIER_TYPES: dict[str, type] = {f.name: get_type_hints(Tier)[f.name] for f in fields(Tier)}
-_OVERRIDABLE = frozenset(_TIER_TYPES) - {"name"}
-
-DEFAULT_TIERS: dict[str, Tier] = {
-    "free": Tier("free", priority=0, requests_per_minute=10, images_per_minute=20, burst_requests=5,
-                 burst_images=10, max_concurrent_jobs=1, max_pixels=1024 * 1024, max_steps=40, max_images=2,
-                 default_deadline_s=120, refiner_allowed=False, safety_optional=False),
-    "standard": Tier("standard", priority=5, requests_per_minute=60, images_per_minute=120, burst_requests=20,
-                     burst_images=40, max_concurrent_jobs=4, max_pixels=1536 * 1536, max_steps=60, max_images=4,
-                     default_deadline_s=300, refiner_allowed=True, safety_optional=False),
-    "premium": Tier("premium", priority=10, requests_per_minute=300, images_per_minute=600, burst_requests=60,
-                    burst_images=120, max_concurrent_jobs=16, max_pixels=2048 * 2048, max_steps=100, max_images=8,
-                    default_deadline_s=600, refiner_allowed=True, safety_optional=True),
-}
-
-OPEN_TIER = Tier("open", priority=5, requests_per_minute=1e9, images_per_minute=1e9, burst_requests=10**9,
-                 burst_images=10**9, max_concurrent_jobs=10**9, max_pixels=2048 * 2048, max_steps=100,
-                 max_images=8, default_deadline_s=300, refiner_allowed=True, safety_optional=True)
-"""No keys file: every request limit at the API's own maximum, rates effectively unlimited (finite, so
-token-bucket arithmetic stays plain)."""
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who is asking: the key's name, never the key."""
-
-    name: str
-    tier: Tier
-    """The key's tier with its overrides applied."""
-    key_id: str
-    """First 8 hex digits of the key's sha256, for logs."""
-    operator: bool = False
-    """May read, cancel and retry every key's tasks and images, not only its own."""
-    anonymous: bool = False
-    """No keys file: nobody is identified, so nothing is owned. A property of the caller, not of the tier's
-    name: a keys file may well define a tier called ``open``."""
-
-
-OPEN_PRINCIPAL = Principal("anonymous", OPEN_TIER, "", anonymous=True)
-"""Everyone, when the service runs without a keys file."""
-
 
 class KeyStore:
     """Stored key hashes and the tiers they map to; built by ``load`` (or ``from_dict``)."""
@@ -353,10 +276,10 @@ def _tier(name: Any, spec: Any, base: Tier | None) -> Tier:
         raise ValueError(f"tier name {name!r} must be a non-empty string")
     if not isinstance(spec, Mapping):
         raise ValueError(f"tier {name!r}: must be a mapping of fields")
-    if unknown := set(spec) - _OVERRIDABLE:
+    if unknown := set(spec) - OVERRIDABLE:
         raise ValueError(f"tier {name!r}: unknown fields {sorted(unknown)}")
     values = {} if base is None else asdict(base)
-    if base is None and (missing := _OVERRIDABLE - set(spec)):
+    if base is None and (missing := OVERRIDABLE - set(spec)):
         raise ValueError(f"tier {name!r} is new, so it needs every field; missing {sorted(missing)}")
     try:
         return Tier(**{**values, **spec, "name": name})
@@ -388,7 +311,7 @@ def _key(index: int, spec: Any, tiers: Mapping[str, Tier]) -> tuple[bytes, Princ
     overrides = spec.get("overrides") or {}
     if not isinstance(overrides, Mapping):
         raise ValueError(f"{where}: overrides must be a mapping of tier fields")
-    if unknown := set(overrides) - _OVERRIDABLE:
+    if unknown := set(overrides) - OVERRIDABLE:
         raise ValueError(f"{where}: unknown override fields {sorted(unknown)}")
     try:
         tier = replace(tiers[tier_name], **overrides)
@@ -529,5 +452,4 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-__all__ = ["DEFAULT_TIERS", "OPEN_PRINCIPAL", "OPEN_TIER", "KeyFile", "KeyStore", "Principal", "Tier",
-           "Unauthorized", "add_key", "extract_key"]
+__all__ = ["KeyFile", "KeyStore", "add_key", "extract_key"]

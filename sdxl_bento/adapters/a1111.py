@@ -33,14 +33,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from .compat import ForeignRequest, caller_name, first_error, kept_images, wire_model
-from .errors import InvalidRequest, ServiceError, answers_in
-from .samplers import SAMPLERS, Sampler, label as sampler_label
-from .schemas import GenerateRequest
+from ..errors import InvalidRequest, ServiceError, answers_in
+from ..samplers import SAMPLERS, Sampler
+from ..samplers import label as sampler_label
+from ..schemas import GenerateRequest
+from .common import ForeignRequest, caller_name, first_error, kept_images, wire_model
 
 if TYPE_CHECKING:  # both import torch
-    from .cache import CachedImage
-    from .scheduler import Job, Scheduler
+    from ..core.cache import CachedImage
+    from ..gpu.scheduler import Job, Scheduler
 
 SCHEDULE_TYPES = ("Automatic", "Karras")
 """A1111 1.9+ ``scheduler`` (schedule type): Automatic, or Karras with DPM++ 2M."""

@@ -19,14 +19,14 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..errors import InvalidRequest
+from ..jobs import APPROXIMATIONS, KINDS, BatchKey, StepCallback, Work
+from ..samplers import BY_NAME as SAMPLERS
+from ..store.modelstore import StoredPipeline
 from . import accel
 from .accel import Acceleration, Decoder
 from .deepcache import deep_cache
-from .errors import InvalidRequest
-from .jobs import APPROXIMATIONS, KINDS, BatchKey, StepCallback, Work
-from .samplers import BY_NAME as SAMPLERS
 from .models import LoadedPipeline, ModelManager
-from .store import StoredPipeline
 
 logger = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ from typing import Any
 from starlette.datastructures import QueryParams
 from starlette.responses import JSONResponse
 
-from .errors import Conflict, Gone, NotFound, ServiceError
+from ..core.policy import may_use, owner_of
+from ..errors import Conflict, Gone, NotFound, ServiceError
+from ..gpu.scheduler import Job, JobState, Scheduler
 from .journal import TaskJournal, TaskRecord
-from .policy import may_use, owner_of
 from .replicas import TaskDirectory
-from .scheduler import Job, JobState, Scheduler
 from .signing import Signer
 
 logger = logging.getLogger(__name__)

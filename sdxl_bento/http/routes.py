@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict
 
-from .errors import native_error
-from .schemas import GenerateRequest
+from ..errors import native_error
+from ..schemas import GenerateRequest
 
 Shape = Callable[[Exception], Any]
 """An error (``ServiceError`` or pydantic ``ValidationError``) -> a Starlette response."""

@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 from starlette.responses import JSONResponse
 
-from .compat import ForeignRequest, first_error, kept_images, wire_model
-from .errors import InvalidRequest, ServiceError, answers_in
-from .schemas import GenerateRequest
+from ..errors import InvalidRequest, ServiceError, answers_in
+from ..schemas import GenerateRequest
+from .common import ForeignRequest, first_error, kept_images, wire_model
 
 if TYPE_CHECKING:
-    from .cache import CachedImage
+    from ..core.cache import CachedImage
 
 SDXL_SIZES = ("1024x1024", "1152x896", "896x1152", "1216x832", "832x1216", "1344x768", "768x1344",
               "1536x640", "640x1536")

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from .errors import ContentFiltered
+from ..errors import ContentFiltered
 
 
 def wire_model(model: type[BaseModel], name: str, also: Iterable[str] = ()) -> type[BaseModel]:

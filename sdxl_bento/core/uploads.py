@@ -15,7 +15,7 @@ import re
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InvalidRequest
+from ..errors import InvalidRequest
 
 FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP"}
 """PIL format name -> the name messages use."""

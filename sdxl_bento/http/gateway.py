@@ -21,13 +21,20 @@ from urllib.parse import parse_qsl
 
 from pydantic import ValidationError
 
+from ..core.policy import OPEN_PRINCIPAL, Admission, Principal, police
+from ..errors import (
+    InvalidRequest,
+    PayloadTooLarge,
+    ServiceError,
+    ShuttingDown,
+    TooManyRequests,
+    Unauthorized,
+    UnsupportedMediaType,
+    invalid,
+)
 from .audit import AuditLog
-from .auth import OPEN_PRINCIPAL, Principal, extract_key
-from .errors import InvalidRequest, PayloadTooLarge, ServiceError, ShuttingDown, TooManyRequests, UnsupportedMediaType
-from .errors import Unauthorized
-from .policy import Admission, police
+from .auth import extract_key
 from .ratelimit import Limit, RateLimiter
-from .errors import invalid
 from .routes import Route, RouteTable
 from .signing import INTERNAL_HEADERS, Signer
 
@@ -62,7 +69,7 @@ class Gateway:
 
     @property
     def metrics(self) -> Any:
-        from .telemetry import metrics
+        from ..telemetry import metrics
 
         return metrics()
 

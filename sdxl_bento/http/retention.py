@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from .images import ImageStore, SweepStats
+from ..core.images import ImageStore, SweepStats
 from .journal import TaskJournal
 
 logger = logging.getLogger(__name__)

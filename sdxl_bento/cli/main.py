@@ -8,7 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from . import buildinfo, cli_generate, store
+from .. import buildinfo
+from ..store import modelstore as store
+from . import generate as cli_generate
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -29,7 +31,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _import_lora(args: argparse.Namespace) -> int:
-    from .models import import_lora
+    from ..store.loras import import_lora
 
     print(f"imported LoRA {args.source} as {import_lora(args.source, args.tag)}")
     return 0
@@ -52,7 +54,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _keys_add(args: argparse.Namespace) -> int:
-    from .auth import add_key
+    from ..http.auth import add_key
 
     key = add_key(args.file, args.name, args.tier)
     print(f"added key {args.name!r} (tier {args.tier}) to {args.file}; its sha256 is stored, the key is shown once:")

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, Protocol
 
-from .jobs import StepCallback, Work
-from .gpu import Throttle
+from ..errors import Cancelled, DeadlineExceeded, GenerationFailed, Overloaded, ServiceError, ShuttingDown
+from ..jobs import StepCallback, Work
+from .thermal import Throttle
 from .vram import VramBudget, run_with_oom_retry
-from .errors import Cancelled, DeadlineExceeded, GenerationFailed, Overloaded, ServiceError, ShuttingDown
 
 logger = logging.getLogger(__name__)
 

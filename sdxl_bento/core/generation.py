@@ -17,18 +17,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .auth import OPEN_PRINCIPAL, Principal
-from .cache import CachedImage, Coalescer, ResultCache, cache_key
-from . import samplers
-from .jobs import BatchKey, Work
-from .errors import Cancelled, DeadlineExceeded, InvalidRequest, NotFound, ServiceError, Unavailable
-from .images import MEDIA_TYPES, ImageStore, encode, infotext
-from .policy import Admission, check_size, max_pixels, may_use, owner_of, police
-from .safety import ImageGuard, PromptPolicy, Watermarker
-from .signing import Signer
-from .uploads import decode_base64_image
-from .scheduler import Job, Scheduler
-from .schemas import (
+from .. import samplers
+from ..errors import Cancelled, DeadlineExceeded, InvalidRequest, NotFound, ServiceError, Unavailable
+from ..gpu.scheduler import Job, Scheduler
+from ..jobs import BatchKey, Work
+from ..schemas import (
     BatchItem,
     ErrorInfo,
     GenerateRequest,
@@ -40,6 +33,13 @@ from .schemas import (
     RefineRequest,
     Timings,
 )
+from .cache import CachedImage, Coalescer, ResultCache, cache_key
+from .images import MEDIA_TYPES, ImageStore, encode, infotext
+from .policy import OPEN_PRINCIPAL, Admission, Principal, check_size, max_pixels, may_use, owner_of, police
+from .prompts import PromptPolicy
+from .safety import ImageGuard
+from .uploads import decode_base64_image
+from .watermark import Watermarker
 
 Request = GenerateRequest | RefineRequest | Img2ImgRequest | InpaintRequest
 _POST_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
@@ -85,7 +85,7 @@ class Generation:
                  metrics: Any = None, policy: PromptPolicy | None = None, guard: ImageGuard | None = None,
                  watermarker: Watermarker | None = None, resolve_model: Callable[[str], str] | None = None,
                  has_lora: Callable[[str], bool] | None = None, max_upload_bytes: int = 12 * 2**20,
-                 signer: Signer | None = None, url_ttl_s: float = 3600) -> None:
+                 sign_link: Callable[[str], str] | None = None) -> None:
         self.scheduler = scheduler
         self.images = images
         self.models = models
@@ -103,8 +103,8 @@ class Generation:
         self.resolve_model = resolve_model or (lambda tag: tag or models.base_tag)
         self.has_lora = has_lora or (lambda name: False)
         self.max_upload_bytes = max_upload_bytes
-        self.signer = signer
-        self.url_ttl_s = url_ttl_s
+        self.sign_link = sign_link
+        """With keys: an image id -> the query that lets its link open without a key (``http/signing.py``)."""
 
     # -- requests to works -------------------------------------------------------------------
     def _style(self, req: GenerateRequest | Img2ImgRequest) -> dict[str, Any]:
@@ -381,9 +381,9 @@ class Generation:
     def url(self, image_id: str, principal: Principal = OPEN_PRINCIPAL) -> str:
         """The image's link; with keys, signed and expiring (``signing``), so it opens without a key."""
         link = f"{self.public_url}/images/{image_id}"
-        if principal.anonymous or self.signer is None:
+        if principal.anonymous or self.sign_link is None:
             return link
-        return f"{link}?{self.signer.image_query(image_id, self.url_ttl_s)}"
+        return f"{link}?{self.sign_link(image_id)}"
 
     def response(self, req: Request, outcome: Outcome, ctx: RequestContext) -> GenerateResponse:
         results = [

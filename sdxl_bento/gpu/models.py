@@ -6,7 +6,7 @@ identical to one already loaded is reused (one module, several pipelines) instea
 Memory is the GPU's: under a budget in bytes, loading a checkpoint first unloads the least recently
 used unpinned ones; what is pinned stays.
 
-LoRAs live in the store too (``import_lora``). The engine asks the manager for exactly one adapter
+LoRAs live in the store too (``store/loras.py``). The engine asks the manager for exactly one adapter
 set per batch: each LoRA is loaded once per pipeline (diffusers' PEFT integration), then every batch
 sets which adapters are active with which weights, or disables them all, so nothing leaks from one
 request into the next.
@@ -20,8 +20,6 @@ import json
 import logging
 import math
 import re
-import shutil
-import struct
 import threading
 import time
 import weakref
@@ -31,9 +29,10 @@ from typing import Any, Callable
 
 import torch
 
+from ..errors import InvalidRequest, Unavailable
+from ..store.loras import LORA_WEIGHT_NAME, StoredLora, find_lora
+from ..store.modelstore import StoredPipeline, file_sha256, safetensors_header
 from .accel import Acceleration, prepare_unet
-from .errors import InvalidRequest, Unavailable
-from .store import StoredPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -41,124 +40,12 @@ SHAREABLE = ("vae", "text_encoder", "text_encoder_2")
 """Components reused across checkpoints when their stored weights are identical (never the UNet: that is
 what a fine-tune changes, and what LoRAs are loaded into)."""
 MODULES = ("unet", "vae", "text_encoder", "text_encoder_2")
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-LORA_ROLE = "lora"
-
 _FLOAT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 _OTHER_BYTES = {"I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-_LORA_KEY = re.compile(r"lora(_linear_layer)?[._](a|b|up|down)\b|lora_(unet|te\d?)_|\.alpha$", re.IGNORECASE)
-_LORA_DOWN = re.compile(r"lora(_linear_layer)?[._](a|down)\b", re.IGNORECASE)
 
 
 class ModelBudgetExceeded(Unavailable):
     """A checkpoint does not fit in the model memory budget even after unloading everything unpinned."""
-
-
-# -- the store side of LoRAs ---------------------------------------------------------------------------------
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file (tensor names, dtypes, shapes), without reading the tensors."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (too short)")
-        (length,) = struct.unpack("<Q", raw)
-        if length > 100 * 1024 * 1024:
-            raise ValueError(f"{path}: not a safetensors file (header of {length} bytes)")
-        try:
-            header = json.loads(f.read(length))
-        except ValueError as exc:
-            raise ValueError(f"{path}: not a safetensors file ({exc})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: not a safetensors file")
-    return header
-
-
-def _sha256(path: Path, chunk: int = 8 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def inspect_lora(path: str | Path) -> dict[str, Any]:
-    """What a LoRA file holds: tensor count, rank, components; ValueError when it is no LoRA."""
-    path = Path(path)
-    header = _safetensors_header(path)
-    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-    lora_keys = [k for k in tensors if _LORA_KEY.search(k)]
-    if not lora_keys:
-        raise ValueError(f"{path}: no LoRA tensors in this safetensors file (no lora_A/lora_B, lora_down/lora_up "
-                         "or lora.down/lora.up weights): not a LoRA")
-    ranks = {min(v["shape"]) for k, v in tensors.items()
-             if _LORA_DOWN.search(k) and len(v.get("shape", [])) >= 2}
-    components = sorted({k.split(".")[0] if not k.startswith("lora_") else k.split("_")[1] for k in lora_keys})
-    return {"tensors": len(lora_keys), "rank": max(ranks) if ranks else None, "components": components}
-
-
-def import_lora(source: str, tag: str) -> str:
-    """Save a LoRA (a ``.safetensors`` file, a folder holding ``pytorch_lora_weights.safetensors``, or a hub id
-    whose repository holds one) into the Bento model store as ``tag``; returns the new tag (``name:version``)."""
-    import bentoml
-
-    from .store import hub_snapshot
-
-    path = Path(source).expanduser()
-    if not path.exists():
-        path = hub_snapshot(source, [LORA_WEIGHT_NAME])
-    if path.is_dir():
-        file = path / LORA_WEIGHT_NAME
-        if not file.is_file():
-            raise ValueError(f"{source}: no {LORA_WEIGHT_NAME} in this folder")
-    elif path.is_file():
-        if path.suffix != ".safetensors":
-            raise ValueError(f"{source}: a LoRA must be a .safetensors file")
-        file = path
-    else:
-        raise ValueError(f"{source}: not a file or folder")
-    info = inspect_lora(file)
-    metadata = {"role": LORA_ROLE, "source": str(source), "sha256": _sha256(file), "synthetic": False,
-                "tensors": info["tensors"], "rank": info["rank"] or 0, "components": ",".join(info["components"])}
-    labels = {"project": "sdxl-bento", "role": LORA_ROLE}
-    with bentoml.models.create(tag, labels=labels, metadata=metadata) as model:
-        shutil.copyfile(file, Path(model.path) / LORA_WEIGHT_NAME)
-    logger.info("saved LoRA %s from %s (%d tensors, rank %s)", model.tag, source, info["tensors"], info["rank"])
-    return str(model.tag)
-
-
-@dataclass(frozen=True)
-class StoredLora:
-    tag: str
-    path: Path
-    """The folder; the weights are ``path / LORA_WEIGHT_NAME``."""
-    metadata: dict[str, Any]
-
-
-def find_lora(name: str) -> StoredLora | None:
-    """The stored LoRA ``name`` (``name`` or ``name:version``), or None when there is no LoRA by that name."""
-    import bentoml
-
-    try:
-        model = bentoml.models.get(name)
-    except (bentoml.exceptions.NotFound, bentoml.exceptions.BentoMLException, ValueError):
-        return None
-    metadata = dict(model.info.metadata)
-    if metadata.get("role") != LORA_ROLE or not (Path(model.path) / LORA_WEIGHT_NAME).is_file():
-        return None
-    return StoredLora(str(model.tag), Path(model.path), metadata)
-
-
-def list_loras() -> list[dict[str, Any]]:
-    """Every LoRA in the store: tag, source, rank, components."""
-    import bentoml
-
-    rows = []
-    for model in bentoml.models.list():
-        metadata = dict(model.info.metadata)
-        if metadata.get("role") == LORA_ROLE:
-            rows.append({"tag": str(model.tag), "source": metadata.get("source"), "rank": metadata.get("rank"),
-                         "components": metadata.get("components")})
-    return rows
 
 
 # -- loaded pipelines ----------------------------------------------------------------------------------------
@@ -380,7 +267,7 @@ class ModelManager:
         total = 0
         for name in names:
             for file in _component_files(folder / name):
-                for key, info in _safetensors_header(file).items():
+                for key, info in safetensors_header(file).items():
                     if key == "__metadata__":
                         continue
                     numel = math.prod(info["shape"])
@@ -396,7 +283,7 @@ class ModelManager:
             stat = file.stat()
             cache_key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
             if cache_key not in self._fingerprints:
-                self._fingerprints[cache_key] = _sha256(file)
+                self._fingerprints[cache_key] = file_sha256(file)
             digest.update(f"{file.name}:{self._fingerprints[cache_key]}".encode())
         return digest.hexdigest()
 

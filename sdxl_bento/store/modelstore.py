@@ -7,14 +7,17 @@ downloads anything while serving.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import bentoml
 
-from .errors import ModelMissing
+from ..errors import ModelMissing
 
 logger = logging.getLogger(__name__)
 
@@ -196,3 +199,30 @@ def import_checker(source: str, kind: str, tag: str | None = None, synthetic: bo
     with bentoml.models.create(tag or DEFAULT_TAGS["safety"], labels=labels, metadata=metadata) as model:
         shutil.copytree(path, model.path, dirs_exist_ok=True)
     return str(model.tag)
+
+
+# -- weight files -----------------------------------------------------------------------------------
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (tensor names, dtypes, shapes), without reading the tensors."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path}: not a safetensors file (too short)")
+        (length,) = struct.unpack("<Q", raw)
+        if length > 100 * 1024 * 1024:
+            raise ValueError(f"{path}: not a safetensors file (header of {length} bytes)")
+        try:
+            header = json.loads(f.read(length))
+        except ValueError as exc:
+            raise ValueError(f"{path}: not a safetensors file ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file")
+    return header
+
+
+def file_sha256(path: Path, chunk: int = 8 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

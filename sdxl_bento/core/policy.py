@@ -7,18 +7,96 @@ the limit) or says what the request costs and how it is queued. The gateway call
 exists; ``Generation`` calls it again on the request that really runs (a retried task, a batch item), and
 ``check_size`` once a size is known only from an uploaded or stored image. One value is policed and run.
 
-Ownership lives here too: with keys, a task or an image belongs to the key that made it, and only that
+The tiers and the principal (who asks, as the gateway authenticated it) are defined here, since everything
+after the gateway decides by them; the keys file that maps keys to them is ``http/auth.py``. Ownership lives
+here too: with keys, a task or an image belongs to the key that made it, and only that
 key (or an operator key) reads, cancels, retries or reuses it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, get_type_hints
 
-from .auth import Principal, Tier
-from .errors import Forbidden
-from .schemas import GenerateRequest, Img2ImgRequest, RefineMode, RefineRequest
+from ..errors import Forbidden
+from ..schemas import GenerateRequest, Img2ImgRequest, RefineMode, RefineRequest
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    priority: int
+    """Higher goes first in the queue."""
+    requests_per_minute: float
+    images_per_minute: float
+    burst_requests: int
+    """Capacity of the request bucket."""
+    burst_images: int
+    """Capacity of the image bucket."""
+    max_concurrent_jobs: int
+    max_pixels: int
+    """Largest width x height."""
+    max_steps: int
+    max_images: int
+    """Most images in one request."""
+    default_deadline_s: float
+    refiner_allowed: bool
+    safety_optional: bool
+    """May this tier turn the NSFW check off."""
+
+    def __post_init__(self) -> None:
+        for name, kind in _TIER_TYPES.items():
+            value = getattr(self, name)
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, name, value := float(value))
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ValueError(f"{name} must be {kind.__name__}, not {value!r}")
+            if kind in (int, float) and name != "priority" and not value > 0:
+                raise ValueError(f"{name} must be above 0, not {value!r}")
+        if not self.name:
+            raise ValueError("a tier needs a name")
+
+
+_TIER_TYPES: dict[str, type] = {f.name: get_type_hints(Tier)[f.name] for f in fields(Tier)}
+OVERRIDABLE = frozenset(_TIER_TYPES) - {"name"}
+
+DEFAULT_TIERS: dict[str, Tier] = {
+    "free": Tier("free", priority=0, requests_per_minute=10, images_per_minute=20, burst_requests=5,
+                 burst_images=10, max_concurrent_jobs=1, max_pixels=1024 * 1024, max_steps=40, max_images=2,
+                 default_deadline_s=120, refiner_allowed=False, safety_optional=False),
+    "standard": Tier("standard", priority=5, requests_per_minute=60, images_per_minute=120, burst_requests=20,
+                     burst_images=40, max_concurrent_jobs=4, max_pixels=1536 * 1536, max_steps=60, max_images=4,
+                     default_deadline_s=300, refiner_allowed=True, safety_optional=False),
+    "premium": Tier("premium", priority=10, requests_per_minute=300, images_per_minute=600, burst_requests=60,
+                    burst_images=120, max_concurrent_jobs=16, max_pixels=2048 * 2048, max_steps=100, max_images=8,
+                    default_deadline_s=600, refiner_allowed=True, safety_optional=True),
+}
+
+OPEN_TIER = Tier("open", priority=5, requests_per_minute=1e9, images_per_minute=1e9, burst_requests=10**9,
+                 burst_images=10**9, max_concurrent_jobs=10**9, max_pixels=2048 * 2048, max_steps=100,
+                 max_images=8, default_deadline_s=300, refiner_allowed=True, safety_optional=True)
+"""No keys file: every request limit at the API's own maximum, rates effectively unlimited (finite, so
+token-bucket arithmetic stays plain)."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is asking: the key's name, never the key."""
+
+    name: str
+    tier: Tier
+    """The key's tier with its overrides applied."""
+    key_id: str
+    """First 8 hex digits of the key's sha256, for logs."""
+    operator: bool = False
+    """May read, cancel and retry every key's tasks and images, not only its own."""
+    anonymous: bool = False
+    """No keys file: nobody is identified, so nothing is owned. A property of the caller, not of the tier's
+    name: a keys file may well define a tier called ``open``."""
+
+
+OPEN_PRINCIPAL = Principal("anonymous", OPEN_TIER, "", anonymous=True)
+"""Everyone, when the service runs without a keys file."""
 
 
 @dataclass(frozen=True)

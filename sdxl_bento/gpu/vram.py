@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
-from .errors import OutOfMemory
+from ..errors import OutOfMemory
 
 logger = logging.getLogger(__name__)
 

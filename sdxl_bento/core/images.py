@@ -28,7 +28,7 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-from .errors import InvalidRequest, NotFound
+from ..errors import InvalidRequest, NotFound
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,10 @@ from random weights are noise: use these for timing and testing, never to judge 
 from __future__ import annotations
 
 import json
+import math
 from copy import deepcopy
 from importlib import resources
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -131,3 +133,121 @@ def build_pipelines(preset: Preset, refiner: bool = False, seed: int = 0, dtype:
         force_zeros_for_empty_prompt=ref_cfg["force_zeros_for_empty_prompt"], add_watermarker=False,
     )
     return base, refiner_pipe
+
+
+# -- synthetic NSFW checkers ------------------------------------------------------------------------
+#
+# Both read the mean colour through the real architecture: the patch embedding averages each
+# channel (pixels normalised to -1..1) into features [c, -c, g, -g] (g a constant, zero-mean so that
+# LayerNorm only rescales), everything else passes it through, and the head compares its direction
+# with the flag colour's. The constant g makes near-grey images read as grey rather than as their
+# faint tint. A flat flag-colour image reads cosine |f| / sqrt(|f|^2 + g^2) (0.96 for pure red);
+# the decision boundary is cosine 0.8, so dark red (128, 0, 0), orange or pink do not count.
+
+_HIDDEN, _IMAGE, _PATCH, _GREY_WEIGHT, _MIN_COSINE, _GAIN = 8, 32, 8, 0.5, 0.8, 40.0
+
+
+def _flag_direction(flag_color: tuple[int, int, int]):
+    import torch
+
+    f = torch.tensor([c / 127.5 - 1.0 for c in flag_color])
+    if f.norm() < 0.1:
+        raise ValueError(f"flag_color {flag_color} is too close to mid-grey to tell apart")
+    direction = torch.cat([f, -f, torch.zeros(_HIDDEN - 6)])
+    return direction / direction.norm()
+
+
+def _set_patch_embedding(conv, bias_holder=None) -> None:
+    import torch
+
+    with torch.no_grad():
+        conv.weight.zero_()
+        area = conv.kernel_size[0] * conv.kernel_size[1]
+        for ch in range(3):
+            conv.weight[ch, ch] = 1.0 / area
+            conv.weight[ch + 3, ch] = -1.0 / area
+        grey = torch.zeros(conv.out_channels)
+        grey[6], grey[7] = _GREY_WEIGHT, -_GREY_WEIGHT
+        (bias_holder if bias_holder is not None else conv.bias).copy_(grey)
+
+
+def _zero_parameters(model) -> None:
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.fill_(1.0)
+
+
+def _processor_kwargs() -> dict[str, Any]:
+    return {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+
+
+def build_synthetic_classifier(path: str | Path, flag_color: tuple[int, int, int] = (255, 0, 0)) -> Path:
+    """A tiny transformers image classifier (BEiT, mean pooling; labels normal/nsfw) whose "nsfw"
+    probability is sigmoid(40 * (cosine(mean colour, flag_color) - 0.8)): images dominated by
+    ``flag_color`` score near 1, others near 0. Saved with its image processor for
+    ``ClassifierChecker(path)``."""
+    import torch
+    from transformers import BeitConfig, BeitForImageClassification, ViTImageProcessor
+
+    config = BeitConfig(
+        hidden_size=_HIDDEN, num_hidden_layers=1, num_attention_heads=1, intermediate_size=_HIDDEN,
+        image_size=_IMAGE, patch_size=_PATCH, use_mean_pooling=True, use_absolute_position_embeddings=False,
+        use_relative_position_bias=False, use_shared_relative_position_bias=False,
+        id2label={0: "normal", 1: "nsfw"}, label2id={"normal": 0, "nsfw": 1},
+    )
+    model = BeitForImageClassification(config).eval()
+    _zero_parameters(model)  # every layer is the identity (layer scale 0); pooling = LayerNorm(mean patch)
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    _set_patch_embedding(conv)
+    with torch.no_grad():
+        # LayerNorm's output has norm sqrt(hidden): the nsfw logit is GAIN * (cosine - MIN_COSINE).
+        model.classifier.weight[1] = _GAIN / math.sqrt(_HIDDEN) * _flag_direction(flag_color)
+        model.classifier.bias[1] = -_GAIN * _MIN_COSINE
+    path = Path(path)
+    model.save_pretrained(path)
+    ViTImageProcessor(size={"height": _IMAGE, "width": _IMAGE}, **_processor_kwargs()).save_pretrained(path)
+    return path
+
+
+def build_synthetic_sd_checker(path: str | Path, flag_color: tuple[int, int, int] = (255, 0, 0)) -> Path:
+    """A tiny diffusers ``StableDiffusionSafetyChecker`` (+ ``CLIPImageProcessor``) with one concept,
+    the flag colour, at threshold 0.8; the other 16 concepts and the 3 special-care ones never fire.
+    The CLS token gathers the patches through one attention layer (zero queries and keys: uniform
+    attention; identity values)."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    vision = {"hidden_size": _HIDDEN, "intermediate_size": _HIDDEN, "num_hidden_layers": 1, "num_attention_heads": 1,
+              "image_size": _IMAGE, "patch_size": _PATCH, "projection_dim": _HIDDEN}
+    text = {"hidden_size": _HIDDEN, "intermediate_size": _HIDDEN, "num_hidden_layers": 1, "num_attention_heads": 1,
+            "vocab_size": 64, "max_position_embeddings": 8, "projection_dim": _HIDDEN,
+            "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
+    model = StableDiffusionSafetyChecker(CLIPConfig(text_config=text, vision_config=vision, projection_dim=_HIDDEN))
+    model.eval()
+    _zero_parameters(model)
+    emb = next(m for m in model.modules() if hasattr(m, "patch_embedding") and hasattr(m, "position_embedding"))
+    positions = torch.zeros(_HIDDEN)
+    _set_patch_embedding(emb.patch_embedding, positions)  # CLIP's patch conv has no bias: positions carry g
+    eye = torch.eye(_HIDDEN)
+    with torch.no_grad():
+        emb.position_embedding.weight[1:] = positions  # position 0 is the CLS token: stays 0
+        for module in model.modules():
+            if hasattr(module, "v_proj") and hasattr(module, "out_proj"):
+                module.v_proj.weight.copy_(eye)
+                module.out_proj.weight.copy_(eye)
+        model.visual_projection.weight.copy_(eye)
+        model.concept_embeds[0] = _flag_direction(flag_color)
+        model.concept_embeds_weights.fill_(1.0)  # zero embeddings: cosine 0, never above 1
+        model.concept_embeds_weights[0] = _MIN_COSINE
+        model.special_care_embeds_weights.fill_(1.0)
+    path = Path(path)
+    model.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": _IMAGE}, crop_size={"height": _IMAGE, "width": _IMAGE},
+                       **_processor_kwargs()).save_pretrained(path)
+    return path

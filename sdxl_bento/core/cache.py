@@ -25,7 +25,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any, Awaitable, Callable, Protocol, TypeVar
 
-from .errors import InvalidRequest, NotFound
+from ..errors import InvalidRequest, NotFound
 from .images import ImageStore
 
 log = logging.getLogger(__name__)

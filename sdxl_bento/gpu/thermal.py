@@ -270,3 +270,15 @@ class GpuMetrics:
                 if value is not None:
                     gauge.labels(gpu=gpu).set(value)
         self.throttle_state.set(ThrottleState(throttle_state).level)
+
+
+def start_gpu_telemetry(throttle: Any, interval_s: float = 5.0) -> None:
+    """Refresh the throttle and the per-GPU gauges in the background (no-op readings without a GPU)."""
+
+    def loop() -> None:
+        while True:
+            state = throttle.update()
+            gpu_metrics().update(throttle.readings, state)
+            time.sleep(interval_s)
+
+    threading.Thread(target=loop, name="sdxl-gpu-telemetry", daemon=True).start()
