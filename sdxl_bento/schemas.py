@@ -1,7 +1,8 @@
 """Request and response models: every limit is a validated field with a readable message.
 
-Unknown fields are rejected. Limits that operators tune (prompt length, pixel count) come from
-``Settings`` through ``configure``, called once when the service starts; the rest are fixed.
+Unknown fields are rejected. Limits that operators tune (prompt length, pixel count, LoRAs per request) come
+from ``Settings``: ``Requests.with_limits`` makes subclasses of the models that carry them (the models here keep
+the defaults); the rest are fixed.
 """
 
 from __future__ import annotations
@@ -194,9 +195,25 @@ class InpaintRequest(Img2ImgRequest):
     strength: Annotated[float, Field(ge=0.01, le=1, description="How much the masked area is redone.")] = 0.99
 
 
-def configure(limits: Limits) -> None:
-    """Set the operator's limits for every request model (once, at startup)."""
-    _Request.limits = limits
+@dataclass(frozen=True)
+class Requests:
+    """The request models with an operator's limits (subclasses of the models above, which keep the defaults)."""
+
+    limits: Limits
+    generate: type[GenerateRequest]
+    refine: type[RefineRequest]
+    img2img: type[Img2ImgRequest]
+    inpaint: type[InpaintRequest]
+    batch: type[BatchRequest]
+
+    @classmethod
+    def with_limits(cls, limits: Limits) -> Requests:
+        def bind(model: type[_Request]) -> Any:
+            return type(model.__name__, (model,), {"limits": limits, "__module__": model.__module__,
+                                                   "__doc__": model.__doc__})
+
+        return cls(limits, bind(GenerateRequest), bind(RefineRequest), bind(Img2ImgRequest), bind(InpaintRequest),
+                   bind(BatchRequest))
 
 
 class Timings(BaseModel):

@@ -9,9 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
 
 
 class Settings(BaseSettings):
@@ -192,6 +191,16 @@ class Settings(BaseSettings):
 
     audit_max_bytes: int = Field(default=50 * 2**20, ge=4096)
     """Size at which the audit file rotates (5 backups kept)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        if self.auth == "required" and self.keys_file is None:
+            raise ValueError("SDXL_BENTO_AUTH=required but no SDXL_BENTO_KEYS_FILE is set (create one with: "
+                             "sdxl-bento keys add NAME --tier standard --file keys.yaml)")
+        if self.keys_file is not None and self.replica_url and self.internal_secret is None:
+            raise ValueError("with keys and SDXL_BENTO_REPLICA_URL, the replicas need a shared "
+                             "SDXL_BENTO_INTERNAL_SECRET (it signs requests forwarded between them and image links)")
+        return self
 
     def warmup(self, device: str) -> tuple[int, int]:
         size = ("1024x1024" if device == "cuda" else "256x256") if self.warmup_size == "auto" else self.warmup_size

@@ -116,12 +116,12 @@ def uses_refiner(req: A1111Txt2ImgRequest) -> bool:
     return named and (req.refiner_switch_at is None or req.refiner_switch_at < 1)
 
 
-def parse_body(body: Any) -> list[GenerateRequest]:
+def parse_body(body: Any, model: type[GenerateRequest] = GenerateRequest) -> list[GenerateRequest]:
     """A raw txt2img body as the native request it runs (the gateway's parser for this route)."""
-    return [to_generate_request(A1111Txt2ImgRequest.model_validate(body))]
+    return [to_generate_request(A1111Txt2ImgRequest.model_validate(body), model)]
 
 
-def to_generate_request(req: A1111Txt2ImgRequest) -> GenerateRequest:
+def to_generate_request(req: A1111Txt2ImgRequest, model: type[GenerateRequest] = GenerateRequest) -> GenerateRequest:
     """The native request; its limits apply. A value it refuses is an ``InvalidRequest`` naming the
     A1111 field that carried it."""
     if req.seed < -1:
@@ -137,7 +137,7 @@ def to_generate_request(req: A1111Txt2ImgRequest) -> GenerateRequest:
     if refine and req.refiner_switch_at is not None:
         fields["high_noise_frac"] = req.refiner_switch_at
     try:
-        return GenerateRequest.model_validate(fields)
+        return model.model_validate(fields)
     except ValidationError as exc:
         name, detail = first_error(exc)
         if name is None:
@@ -271,19 +271,23 @@ def interrupt(scheduler: Scheduler | None, owners: JobOwners | None, caller: str
     return sum(1 for job in mine if scheduler.cancel(job))
 
 
-def a1111_app(get_scheduler: Callable[[], Scheduler | None], models: Callable[[], list[Any]], *,
-              owners: JobOwners | None = None, keys_in_use: bool = False) -> Starlette:
+def a1111_app(models: Callable[[], list[Any]], service: Callable[[], Any] | None = None) -> Starlette:
     """A Starlette app for ``/sdapi/v1``: ``GET /progress``, ``GET /sd-models``, ``GET /samplers``,
     ``POST /interrupt`` (txt2img is an API method of the service).
 
-    Mount: ``@bentoml.asgi_app(a1111_app(lambda: task_registry.scheduler, store.list_models,
-    owners=a1111_owners, keys_in_use=keys is not None), path="/sdapi/v1")``. With keys, interrupt
-    needs the gateway's principal (``/sdapi/v1`` in its protected routes; else 401) and stops only
-    the caller's own generations.
+    It reaches the service instance through ``service`` (BentoML's ``get_current_service`` by default): its
+    ``runtime.scheduler``, ``front.a1111_owners`` and ``front.keys``. With keys, interrupt needs the gateway's
+    principal (``/sdapi/v1`` is guarded; else 401) and stops only the caller's own generations.
     """
+    if service is None:
+        from bentoml import get_current_service as service
+
+    def scheduler() -> Scheduler | None:
+        runtime = getattr(service(), "runtime", None)
+        return runtime.scheduler if runtime is not None else None
 
     async def progress(request: Request) -> JSONResponse:
-        return JSONResponse(progress_view(get_scheduler()))
+        return JSONResponse(progress_view(scheduler()))
 
     async def list_models(request: Request) -> JSONResponse:
         return JSONResponse(sd_models(models()))
@@ -293,9 +297,10 @@ def a1111_app(get_scheduler: Callable[[], Scheduler | None], models: Callable[[]
 
     async def stop(request: Request) -> JSONResponse:
         known, caller = caller_name(request.scope)
-        if keys_in_use and (not known or caller is None):
+        front = service().front
+        if front.keys is not None and (not known or caller is None):
             return a1111_error(401, "a valid API key is required (Authorization: Bearer KEY or X-API-Key: KEY)")
-        interrupt(get_scheduler(), owners, caller)
+        interrupt(scheduler(), front.a1111_owners, caller)
         return JSONResponse({})
 
     return Starlette(routes=[

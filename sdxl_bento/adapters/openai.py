@@ -97,12 +97,12 @@ OpenAIImageWire = wire_model(OpenAIImageRequest, "OpenAIImageGenerationRequest")
 """BentoML ``input_spec`` for the route: the same fields, unchecked, so that errors get OpenAI's shape."""
 
 
-def parse_body(body: Any) -> list[GenerateRequest]:
+def parse_body(body: Any, model: type[GenerateRequest] = GenerateRequest) -> list[GenerateRequest]:
     """A raw body as the native request it runs (the gateway's parser for this route)."""
-    return [to_generate_request(OpenAIImageRequest.model_validate(body))]
+    return [to_generate_request(OpenAIImageRequest.model_validate(body), model)]
 
 
-def to_generate_request(req: OpenAIImageRequest) -> GenerateRequest:
+def to_generate_request(req: OpenAIImageRequest, model: type[GenerateRequest] = GenerateRequest) -> GenerateRequest:
     """The native request; its limits apply. A value it refuses is an ``InvalidRequest`` naming the
     OpenAI parameter (``field``) that carried it."""
     width, height = req.dimensions
@@ -116,7 +116,7 @@ def to_generate_request(req: OpenAIImageRequest) -> GenerateRequest:
     if req.output_compression is not None:
         fields["quality"] = max(1, req.output_compression)
     try:
-        return GenerateRequest.model_validate(fields)
+        return model.model_validate(fields)
     except ValidationError as exc:
         field, detail = first_error(exc)
         name = field or _field_in(detail)

@@ -13,10 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, create_model
 
-from ..errors import native_error
-from ..schemas import GenerateRequest
+from ..errors import InvalidRequest, native_error
 
 Shape = Callable[[Exception], Any]
 """An error (``ServiceError`` or pydantic ``ValidationError``) -> a Starlette response."""
@@ -34,17 +33,23 @@ class Route:
     """Its items are stamped with their caller (BentoML's adaptive batching merges several callers' items)."""
 
 
-class _BatchBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    requests: list[GenerateRequest]
-
-
 def single(model: type[BaseModel]) -> Callable[[Any], list[Any]]:
     return lambda body: [model.model_validate(body)]
 
 
-def batch_items(body: Any) -> list[GenerateRequest]:
-    return _BatchBody.model_validate(body).requests
+def batch_items(model: type[BaseModel]) -> Callable[[Any], list[Any]]:
+    """``{"requests": [...]}`` as the items it runs; a caller's stamp (``caller``) is not the client's to send."""
+    body = create_model("BatchBody", __config__=ConfigDict(extra="forbid"), requests=(list[model], ...))
+
+    def parse(raw: Any) -> list[Any]:
+        items = body.model_validate(raw).requests
+        for i, item in enumerate(items):
+            if getattr(item, "caller", None) is not None:
+                raise InvalidRequest(f"requests.{i}.caller: set by the server, not by the client",
+                                     field=f"requests.{i}.caller")
+        return items
+
+    return parse
 
 
 @dataclass(frozen=True)
@@ -88,8 +93,8 @@ class RouteTable:
         return path if path in self.public else "other"
 
 
-def table(native: dict[str, type[BaseModel]], tasks: dict[str, type[BaseModel]], *, foreign: dict[str, Route],
-          mounted: dict[str, Shape]) -> RouteTable:
+def table(native: dict[str, type[BaseModel]], tasks: dict[str, type[BaseModel]], *, batch: type[BaseModel],
+          foreign: dict[str, Route], mounted: dict[str, Shape]) -> RouteTable:
     """The service's routes: ``native`` single-request routes and ``tasks`` prefixes by their input model, the
     batch route, the ``foreign`` APIs' generation routes (their adapters' parsers and error shapes), and the
     ``mounted`` apps the gateway guards (a signed link can also open ``/images``)."""
@@ -97,6 +102,6 @@ def table(native: dict[str, type[BaseModel]], tasks: dict[str, type[BaseModel]],
     for prefix, model in tasks.items():
         generation[prefix] = Route(prefix, single(model))  # BentoML also serves a task as a plain call
         generation[f"{prefix}/submit"] = Route(f"{prefix}/submit", single(model), task=True)
-    generation["/generate_batch"] = Route("/generate_batch", batch_items, batch=True)
+    generation["/generate_batch"] = Route("/generate_batch", batch_items(batch), batch=True)
     generation.update(foreign)
     return RouteTable(generation=generation, task_prefixes=tuple(tasks), mounted=mounted, open_reads=("/images",))

@@ -125,6 +125,34 @@ class TaskRegistry:
         return info
 
 
+async def run_task(ctx: Any, req: Any, *, front: Any, generation: Any) -> Any:
+    """A task's handler: run its request as its owner (``front.task_context``) and record its end in the journal
+    (completed with its answer, failed with a reason, cancelled), which answers for the task from then on."""
+    from ..errors import Cancelled
+
+    task_id = getattr(ctx.request.state, "task_id", None)
+    registry: TaskRegistry = front.tasks
+    try:
+        record = front.journal.get(task_id) if task_id else None
+        if record is None:
+            raise NotFound(f"task {task_id} is not in the journal")
+        rctx = front.task_context(ctx, record.owner)
+        rctx.on_submit = lambda jobs: registry.attach(task_id, jobs)
+        answer = generation.response(req, await generation.run(req, rctx), rctx)
+    except Cancelled:
+        registry.ended(task_id, "canceled", "cancelled")
+        raise TaskCancelled(task_id) from None
+    except ServiceError as exc:
+        registry.ended(task_id, "failed", exc.type, error=exc.body(), http_status=exc.status)
+        raise
+    except Exception as exc:
+        registry.ended(task_id, "failed", "error", http_status=500,
+                       error={"error": {"type": "error", "message": f"the task failed: {exc}"}})
+        raise
+    registry.ended(task_id, "completed", result=answer.model_dump(mode="json"), http_status=200)
+    return answer
+
+
 def status_body(record: TaskRecord) -> dict[str, Any]:
     """``GET /<task>/status``: BentoML's fields, and the reason of a failure or cancellation."""
     body: dict[str, Any] = {"task_id": record.task_id, "status": record.status,

@@ -5,6 +5,7 @@ import base64
 import json
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from pydantic import ValidationError
@@ -197,7 +198,9 @@ def test_app_routes(scheduler, tmp_path: Path):
     models = [StoredPipeline("sdxl-base:v1", tmp_path / "base", {"role": "base"}),
               StoredPipeline("sdxl-refiner:v1", tmp_path / "ref", {"role": "refiner"}),
               StoredPipeline("photo:v2", tmp_path / "photo", {"role": "base", "sha256": "ab" * 32})]
-    app = a1111.a1111_app(lambda: scheduler, lambda: models)
+    service = SimpleNamespace(runtime=SimpleNamespace(scheduler=scheduler),
+                              front=SimpleNamespace(keys=None, a1111_owners=a1111.JobOwners()))
+    app = a1111.a1111_app(lambda: models, service=lambda: service)
     with TestClient(app) as client:
         assert client.get("/progress").json()["state"]["job"] == ""
         listed = client.get("/sd-models").json()
@@ -214,7 +217,9 @@ def test_app_routes(scheduler, tmp_path: Path):
 
 
 def test_interrupt_needs_a_principal_when_keys_are_in_use(scheduler):
-    app = a1111.a1111_app(lambda: scheduler, list, owners=a1111.JobOwners(), keys_in_use=True)
+    service = SimpleNamespace(runtime=SimpleNamespace(scheduler=scheduler),
+                              front=SimpleNamespace(keys=object(), a1111_owners=a1111.JobOwners()))
+    app = a1111.a1111_app(list, service=lambda: service)
     with TestClient(app) as client:
         answer = client.post("/interrupt")
         assert answer.status_code == 401 and answer.json()["error"] == "HTTPException"

@@ -11,12 +11,12 @@ from sdxl_bento.adapters import a1111
 from sdxl_bento.adapters import openai as openai_compat
 from sdxl_bento.errors import InvalidRequest, native_error
 from sdxl_bento.http import routes
-from sdxl_bento.schemas import GenerateRequest, Img2ImgRequest, InpaintRequest, RefineRequest
+from sdxl_bento.schemas import BatchRequest, GenerateRequest, Img2ImgRequest, InpaintRequest, RefineRequest
 
 TABLE = routes.table(
     {"/txt2img": GenerateRequest, "/generate": GenerateRequest, "/refine": RefineRequest, "/img2img": Img2ImgRequest,
      "/inpaint": InpaintRequest}, {"/jobs": GenerateRequest, "/img2img_jobs": Img2ImgRequest,
-                                   "/inpaint_jobs": InpaintRequest},
+                                   "/inpaint_jobs": InpaintRequest}, batch=BatchRequest,
     foreign={"/v1/images/generations": routes.Route("/v1/images/generations", openai_compat.parse_body,
                                                     openai_compat.error_response),
              "/sdapi/v1/txt2img": routes.Route("/sdapi/v1/txt2img", a1111.parse_body, a1111.from_error)},
@@ -41,6 +41,8 @@ def test_native_bodies_become_typed_requests():
 def test_batch_items_and_foreign_bodies():
     items = parse("/generate_batch", {"requests": [{"prompt": "a", "steps": "5"}, {"prompt": "b"}]})
     assert [i.steps for i in items] == [5, 30]
+    with pytest.raises(InvalidRequest, match="requests.0.caller: set by the server"):
+        parse("/generate_batch", {"requests": [{"prompt": "a", "caller": {"name": "boss", "deadline_s": 600}}]})
     (oa,) = parse("/v1/images/generations", {"prompt": "x", "size": "512x768", "n": "3", "quality": "hd"})
     assert (oa.width, oa.height, oa.num_images, oa.steps) == (512, 768, 3, 50)
     (a1,) = parse("/sdapi/v1/txt2img", {"prompt": "x", "batch_size": "2", "n_iter": 2.0, "steps": "20",

@@ -45,14 +45,16 @@ def test_every_limit_has_a_readable_message(fields, message):
     assert message in errors(**fields)
 
 
-def test_limits_are_configurable():
-    try:
-        schemas.configure(schemas.Limits(max_prompt_chars=10, max_pixels=512 * 512))
-        assert "the limit is 10" in errors(prompt="x" * 11)
-        assert "the limit is 262144 pixels" in errors(prompt="x", width=512, height=520)
-        GenerateRequest(prompt="x" * 10, width=512, height=512)
-    finally:
-        schemas.configure(schemas.Limits())
+def test_limits_are_configurable_without_changing_the_shared_models():
+    bound = schemas.Requests.with_limits(schemas.Limits(max_prompt_chars=10, max_pixels=512 * 512))
+    with pytest.raises(ValidationError, match="the limit is 10"):
+        bound.generate(prompt="x" * 11)
+    with pytest.raises(ValidationError, match="the limit is 262144 pixels"):
+        bound.generate(prompt="x", width=512, height=520)
+    assert isinstance(bound.generate(prompt="x" * 10, width=512, height=512), GenerateRequest)
+    assert isinstance(bound.inpaint.model_validate({"prompt": "x", "image": "a", "mask": "b"}), schemas.Img2ImgRequest)
+    assert bound.generate.__name__ == "GenerateRequest"  # the same name in the OpenAPI document
+    GenerateRequest(prompt="x" * 11, width=512, height=520)  # the shared model keeps the defaults
 
 
 def test_refine_request_needs_a_uuid():

@@ -1,0 +1,233 @@
+"""The service's parts, built from the settings: what ``service.py`` declares is wired here.
+
+- ``Front``, the HTTP side, is built when ``service.py`` is imported (no torch): the keys, the signer, the image
+  store, the task journal and registry, the drain and the middlewares that use them. BentoML adds middlewares
+  and mounts apps before any service instance exists.
+- ``Runtime``, the GPU side, is built in the worker by ``build_runtime``: the engine (warmed up), the scheduler
+  that alone drives it, ``Generation``, telemetry and the retention sweep.
+
+Mounted apps reach both through BentoML's ``get_current_service()`` (the service instance has ``front`` and
+``runtime``); nothing here is a module-level global.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .adapters.a1111 import JobOwners
+from .core.generation import Generation, ModelInfo, RequestContext
+from .core.images import ImageStore
+from .core.policy import OPEN_PRINCIPAL, Principal
+from .errors import ModelMissing, Unauthorized
+from .http.audit import AuditLog
+from .http.auth import KeyFile
+from .http.gateway import DEADLINE_HEADER, Gateway
+from .http.journal import TaskJournal
+from .http.ratelimit import JobSlots, RateLimiter
+from .http.replicas import TaskDirectory
+from .http.retention import RetentionSweeper
+from .http.routes import RouteTable
+from .http.shutdown import Drain
+from .http.signing import Signer
+from .http.tasks import TaskControl, TaskRegistry
+from .settings import Settings, tags
+from .store import modelstore
+from .telemetry import metrics
+
+logger = logging.getLogger("sdxl_bento.service")
+
+
+def require_models(settings: Settings) -> tuple[bool, bool]:
+    """Before the service class is declared (its models are class attributes): the base must be in the model
+    store (``ModelMissing`` names the command that puts it there); whether the refiner and the checker are used."""
+    if modelstore.find(settings.base_model) is None:
+        raise ModelMissing(f"cannot start: SDXL base model {settings.base_model!r} is not in the Bento model store. "
+                           f"Put it there with:\n  {modelstore.fix_command('base', settings.base_model)}")
+    refiner = settings.refiner == "on" or (settings.refiner == "auto" and modelstore.find(settings.refiner_model))
+    checker = settings.safety == "on" or (settings.safety == "auto" and modelstore.find(settings.safety_model))
+    return bool(refiner), bool(checker)
+
+
+@dataclass
+class Front:
+    settings: Settings
+    routes: RouteTable
+    keys: KeyFile | None
+    signer: Signer
+    images: ImageStore
+    journal: TaskJournal
+    tasks: TaskRegistry
+    drain: Drain
+    a1111_owners: JobOwners = field(default_factory=JobOwners)
+
+    @classmethod
+    def build(cls, settings: Settings, routes: RouteTable) -> Front:
+        secret = settings.internal_secret.get_secret_value() if settings.internal_secret else None
+        journal = TaskJournal(settings.state_dir / "tasks.db")
+        return cls(settings=settings, routes=routes,
+                   keys=KeyFile(settings.keys_file) if settings.keys_file else None,
+                   signer=Signer.load(secret, settings.state_dir), images=ImageStore(settings.image_dir),
+                   journal=journal, tasks=TaskRegistry(journal), drain=Drain(settings.shutdown_grace_s))
+
+    def middlewares(self) -> list[tuple[type, dict[str, Any]]]:
+        """In order, the outermost first: the gateway sees every request before the task routes do."""
+        s = self.settings
+        failed = lambda: metrics().redis_failed()  # noqa: E731
+        directory = TaskDirectory(s.redis(), s.replica_url) if s.redis() and s.replica_url else None
+        return [
+            (Gateway, dict(keys=self.keys, routes=self.routes, signer=self.signer, drain=self.drain,
+                           limiter=RateLimiter(s.redis(), on_redis_failure=failed),
+                           slots=JobSlots(s.redis(), on_redis_failure=failed),
+                           audit=AuditLog(s.audit_path(), max_bytes=s.audit_max_bytes, stdout=s.audit_stdout,
+                                          prompts=s.audit_prompts),
+                           max_body_bytes=s.max_body_bytes,
+                           task_cost=lambda task_id: getattr(self.journal.get(task_id), "cost_images", None))),
+            (TaskControl, dict(registry=self.tasks, journal=self.journal, task_routes=self.routes.task_prefixes,
+                               signer=self.signer, directory=directory)),
+        ]
+
+    def principal(self, name: str | None) -> Principal:
+        """The principal a task's owner or a batch item's stamp names, as the keys file says now."""
+        if self.keys is None:
+            return OPEN_PRINCIPAL
+        found = self.keys.by_name(name) if name is not None else None
+        if found is None:
+            raise Unauthorized(f"the key {name!r} that sent this request is no longer in the keys file")
+        return found
+
+    def request_context(self, ctx: Any) -> RequestContext:
+        """What the gateway learned about this request (caller, deadline), and where to note the outcome. A
+        request that did not pass the gateway (none should) runs as nobody: with keys, it is refused."""
+        state = ctx.request.state
+        if not hasattr(state, "audit"):
+            state.audit = {}
+        principal = getattr(state, "principal", None)
+        if principal is None:
+            if self.keys is not None:
+                raise Unauthorized("this request did not pass the gateway")
+            principal = OPEN_PRINCIPAL
+        return RequestContext(principal=principal, deadline_s=getattr(state, "deadline_s", None), audit=state.audit)
+
+    def task_context(self, ctx: Any, owner: str | None) -> RequestContext:
+        """A task runs as its owner, by the journal (a retry reaches it without the gateway's state), with the
+        deadline its stored request asked for (the gateway checked it at submission)."""
+        state = ctx.request.state
+        if not hasattr(state, "audit"):
+            state.audit = {}
+        try:
+            deadline = float(ctx.request.headers.get(DEADLINE_HEADER, ""))
+        except ValueError:
+            deadline = None
+        return RequestContext(principal=self.principal(owner), deadline_s=deadline, audit=state.audit)
+
+    def image_link(self, image_id: str) -> str:
+        return self.signer.image_query(image_id, self.settings.image_url_ttl_s)
+
+
+@dataclass
+class Runtime:
+    engine: Any
+    scheduler: Any
+    generation: Generation
+    throttle: Any
+    retention: RetentionSweeper
+    refiner_tag: str | None
+
+    def ready(self, front: Front) -> bool:
+        """``/readyz``: not while shutting down, nor while a hot GPU has paused admission."""
+        from .gpu.thermal import ThrottleState
+
+        return not front.drain.draining and self.throttle.state != ThrottleState.paused
+
+    def stop(self) -> None:
+        self.retention.stop()
+        self.scheduler.stop()
+
+
+def build_runtime(settings: Settings, front: Front, base: Any, refiner: Any, checker: Any) -> Runtime:
+    """The GPU side, in the worker: ``base``, ``refiner`` and ``checker`` are the model store's entries (the
+    last two may be None)."""
+    import torch
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    from .core.cache import make_cache
+    from .core.prompts import PromptPolicy
+    from .core.safety import ImageGuard
+    from .core.watermark import Watermarker
+    from .gpu.accel import Acceleration
+    from .gpu.checkers import load_checker
+    from .gpu.engine import Engine, pick_device
+    from .gpu.scheduler import Scheduler
+    from .gpu.thermal import NvmlSource, StaticSource, Throttle, start_gpu_telemetry
+    from .gpu.vram import SDXL_FP16, VramBudget
+    from .store.loras import find_lora
+
+    s = settings
+    for stored in filter(None, (base, refiner)):
+        if stored.synthetic:
+            logger.warning("!!! SERVING A SYNTHETIC MODEL: %s has random weights (%s); its images are noise. "
+                           "Import real SDXL weights with `sdxl-bento models import`. !!!",
+                           stored.tag, stored.metadata.get("source"))
+    if front.keys is None:
+        logger.warning("no API keys file (SDXL_BENTO_KEYS_FILE): the service is open to anyone who reaches it")
+    else:
+        front.keys.install_sighup()
+    lost = front.journal.recover()
+    if lost:
+        logger.warning("%d task(s) were unfinished when the service last stopped: marked failed (restart)", lost)
+
+    device, _ = pick_device(s.device)
+    acceleration = Acceleration.resolve(device, compile=s.compile, cuda_graphs=s.cuda_graphs, vae_dtype=s.vae_decode,
+                                        compile_cache=s.compile_cache_dir, max_graphs=s.max_cuda_graphs)
+    engine = Engine(base, refiner, device=device, budget_bytes=s.model_budget_bytes, acceleration=acceleration,
+                    deepcache_interval=s.deepcache_interval)
+    pinned = set(tags(s.pinned_checkpoints))
+    for tag in tags(s.checkpoints):
+        engine.add_checkpoint(modelstore.resolve(tag, "base"), pinned=tag in pinned)
+    engine.manager.on_swap = lambda tag, seconds: metrics().model_swap_seconds.observe(seconds)
+    logger.info("warm-up took %.2f s", engine.warmup(*s.warmup(device)))
+    rate = engine.seconds_per_unit(*s.warmup(device))
+    metrics().acceleration.labels(**engine.acceleration.labels()).set(1)
+
+    # After warm-up the free GPU memory is what batches may use; without CUDA there is no budget.
+    budget = VramBudget.measure(SDXL_FP16, headroom=s.vram_headroom, device=torch.cuda.current_device()) \
+        if engine.device == "cuda" else None
+    throttle = Throttle(NvmlSource.open() or StaticSource([]), slow_above_c=s.gpu_slow_above_c,
+                        pause_above_c=s.gpu_pause_above_c, resume_below_c=s.gpu_resume_below_c)
+    start_gpu_telemetry(throttle)
+    scheduler = Scheduler(engine, max_batch_requests=s.concurrency, max_batch_images=s.max_batch_images,
+                          max_jobs=s.max_concurrency, aging_per_minute=s.aging_per_minute, observer=metrics(),
+                          throttle=throttle, budget=budget, is_loaded=engine.manager.is_loaded)
+    scheduler.seed_rate(rate)  # task ETAs from the first request on
+    scheduler.start()
+    front.tasks.scheduler = front.drain.scheduler = scheduler
+    front.drain.install()
+
+    retention = RetentionSweeper(front.images, front.journal, image_max_age_s=s.image_retention_s,
+                                 image_max_bytes=s.image_store_max_bytes, task_max_age_s=s.task_retention_s,
+                                 interval_s=s.retention_sweep_s, on_sweep=metrics().observe_retention,
+                                 runner_db=Path(BentoMLContainer.result_store_file.get()))
+    retention.start()
+
+    guard = None
+    if checker is not None:
+        guard = ImageGuard(load_checker(checker.metadata["kind"], checker.path, device=engine.device),
+                           threshold=s.safety_threshold, action=s.safety_action)
+        logger.info("NSFW check of every image with %s (%s, %s)", checker.tag, checker.metadata["kind"],
+                    s.safety_action)
+    else:
+        logger.warning("no NSFW checker (%s not in the store): images are not checked", s.safety_model)
+    watermark = s.watermark == "on" or (s.watermark == "auto" and not engine.models.synthetic)
+    generation = Generation(
+        scheduler, front.images, ModelInfo(base.tag, refiner.tag if refiner else None, engine.models.synthetic),
+        timeout=s.timeout, public_url=s.public_url, metrics=metrics(), guard=guard,
+        cache=make_cache(s.redis(), front.images, ttl_s=s.cache_ttl_s, max_bytes=s.cache_max_bytes)
+        if s.cache else None, cache_unseeded=s.cache_unseeded, watermarker=Watermarker(watermark),
+        policy=PromptPolicy.load(s.policy_file) if s.policy_file else None,
+        resolve_model=engine.manager.resolve, has_lora=lambda name: find_lora(name) is not None,
+        max_upload_bytes=s.max_upload_bytes, sign_link=front.image_link if front.keys is not None else None)
+    return Runtime(engine=engine, scheduler=scheduler, generation=generation, throttle=throttle,
+                   retention=retention, refiner_tag=refiner.tag if refiner else None)
