@@ -206,8 +206,8 @@ def _txt2img(url: str, data: Path) -> httpx.Response:
     assert res.status_code == 200, res.text
     assert Image.open(BytesIO(res.content)).size == (256, 256)
     assert res.headers["seed"] == "7"
-    stored = list((data / "images").glob(f"{res.headers['x-image-id']}.*"))
-    assert len(stored) == 1  # written through the mounted image folder
+    stored = sorted(p.suffix for p in (data / "images").glob(f"{res.headers['x-image-id']}.*"))
+    assert stored == [".json", ".png"]  # the image and its owner's sidecar, written through the mounted folder
     return res
 
 
