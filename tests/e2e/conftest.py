@@ -52,6 +52,18 @@ class Server:
     def wait_ready(self, timeout: float = 180) -> None:
         wait_ready(self.url, self.proc, self.log, timeout)
 
+    def crash(self) -> None:
+        """SIGKILL, no graceful shutdown, for the server and its workers (which run in sessions of their own)."""
+        import psutil
+
+        workers = psutil.Process(self.proc.pid).children(recursive=True)
+        os.killpg(self.proc.pid, 9)
+        for worker in workers:
+            worker.kill()
+        psutil.wait_procs(workers, timeout=30)
+        self.proc.wait()
+        self._log_file.close()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, 15)

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import subprocess
 import sys
 import time
 
 import httpx
-import psutil
 import pytest
 import yaml
 
@@ -294,33 +292,3 @@ def test_redis_going_away_does_not_stop_the_service(servers, keys, redis_url):
     assert r.status_code == 200
     assert _metric(a, "sdxl_ratelimit_redis_degraded") == 1
     assert _metric(a, "sdxl_ratelimit_redis_failures_total") > failures  # counted, not only flagged
-
-
-def test_tasks_left_unfinished_by_a_crash_are_failed_with_reason_restart(bentoml_home, tmp_path):
-    root = tmp_path
-    env = service_env(private_home(bentoml_home, root), root / "images", concurrency=1, timeout=120)
-    first = Server(env, root / "first.log")
-    try:
-        first.wait_ready()
-        task_id = httpx.post(f"{first.url}/jobs/submit", json={"prompt": "interrupted", "width": 1024,
-                                                                "height": 1024, "steps": 100}).json()["task_id"]
-        time.sleep(1)
-    finally:
-        # a crash: no graceful shutdown, for the server and its workers (which run in sessions of their own)
-        workers = psutil.Process(first.proc.pid).children(recursive=True)
-        os.killpg(first.proc.pid, 9)
-        for worker in workers:
-            worker.kill()
-        psutil.wait_procs(workers, timeout=30)
-        first.proc.wait()
-        first._log_file.close()
-    second = Server(env, root / "second.log")
-    try:
-        second.wait_ready()
-        status = httpx.get(f"{second.url}/jobs/status", params={"task_id": task_id}).json()
-        assert status["status"] == "failed" and status["reason"] == "restart"
-        r = httpx.get(f"{second.url}/jobs/get", params={"task_id": task_id})
-        assert r.status_code == 410 and r.json()["error"]["type"] == "restart"
-        assert httpx.put(f"{second.url}/jobs/cancel", params={"task_id": task_id}).status_code == 409
-    finally:
-        second.stop()

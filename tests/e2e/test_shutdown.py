@@ -12,7 +12,6 @@ import threading
 import time
 
 import httpx
-import psutil
 import pytest
 
 from .conftest import Server, private_home, service_env
@@ -145,13 +144,7 @@ def test_after_sigkill_of_the_whole_tree_every_task_answers_its_true_end(bentoml
         done, answer = completed_task(first)
         running, queued = running_and_queued(first)
     finally:
-        workers = psutil.Process(first.proc.pid).children(recursive=True)  # in sessions of their own
-        os.killpg(first.proc.pid, signal.SIGKILL)
-        for worker in workers:
-            worker.kill()
-        psutil.wait_procs(workers, timeout=30)
-        first.proc.wait()
-        first._log_file.close()
+        first.crash()
     second = Server(env, tmp_path / "second.log")
     try:
         second.wait_ready()
