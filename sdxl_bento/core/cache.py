@@ -25,7 +25,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any, Awaitable, Callable, Protocol, TypeVar
 
-from ..errors import InvalidRequest, NotFound
+from ..errors import Cancelled, DeadlineExceeded, InvalidRequest, NotFound
 from .images import ImageStore
 
 log = logging.getLogger(__name__)
@@ -271,7 +271,8 @@ class Coalescer:
 
     The work runs in its own task: a caller that goes away (cancelled) does not cancel it for the
     others; only when every caller has gone is the work itself cancelled, so the GPU is not spent
-    on a result nobody waits for.
+    on a result nobody waits for. The work runs with the first caller's job: when it ends because
+    of that caller alone (cancelled, or past its deadline), the others start again with their own.
     """
 
     def __init__(self) -> None:
@@ -299,8 +300,16 @@ class Coalescer:
                     del self._tasks[key]  # a new caller must start afresh, not join a cancelled run
                 task.cancel()
             raise
+        except (Cancelled, DeadlineExceeded):
+            if not shared:
+                raise
+            retry = True  # the first caller's cancellation or deadline, not this caller's
+        else:
+            retry = False
         finally:
             waiters[0] -= 1
+        if retry:
+            return await self.run(key, produce)
         return result, shared
 
     def _done(self, key: str, slot: tuple[asyncio.Task[Any], list[int]], task: asyncio.Task[Any]) -> None:

@@ -278,8 +278,12 @@ class Generation:
 
     async def wait(self, job: Job, timeout: float) -> list[Any]:
         """The job's images; on a timeout or when the waiter goes away, the job is cancelled."""
+        result = asyncio.wrap_future(job.future)
+        # The job's end is read even when nobody waits for it any more (a missed deadline, a caller gone), so
+        # asyncio does not report its exception as never retrieved.
+        result.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)), timeout)
+            return await asyncio.wait_for(asyncio.shield(result), timeout)
         except asyncio.TimeoutError:
             self.scheduler.cancel(job)
             raise DeadlineExceeded(f"the request did not finish within its deadline of {timeout:g} s",

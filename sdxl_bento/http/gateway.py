@@ -7,8 +7,9 @@ from the request, so that no task record or log holds them -> for generation rou
 type (415) -> the body turned into typed native requests by the route's parser (400, in the route's API
 shape) -> ``policy.police`` of each typed request (403) -> the key's concurrent jobs and token buckets (429
 with ``Retry-After``). The caller (``principal``), its deadline and the admission go into the request
-state. Exactly one audit line per request is written when the request is over (for a task: when the task
-ends), merged with what the API method recorded in ``state["audit"]``.
+state. Exactly one audit line is written per generation request (for a task: when the task ends, merged with
+what the API method recorded in ``state["audit"]``) and per request that changes something (a cancel, an
+interrupt, an option set); reads (status, results, images, lists) are audited only when refused.
 """
 
 from __future__ import annotations
@@ -93,7 +94,9 @@ class Gateway:
             _strip_credentials(scope)
             state["principal"] = principal
             if route is None and not retry:
-                return await self.app(scope, receive, send)
+                if scope["method"] in ("GET", "HEAD"):
+                    return await self.app(scope, receive, send)  # reads are audited only when refused
+                return await self._audited(scope, receive, send, principal, template, headers, started)
             assert principal is not None
             if self.drain is not None and self.drain.draining:
                 raise ShuttingDown("the service is shutting down; try again shortly (or another replica)",
@@ -145,6 +148,22 @@ class Gateway:
         finally:
             self.slots.release(lease)
             self._record(principal, template, requests, headers, started, status.get("code"), state.get("audit", {}))
+
+    async def _audited(self, scope: dict[str, Any], receive: Any, send: Any, principal: Principal | None,
+                       template: str, headers: dict[str, str], started: float) -> None:
+        """A request that changes something without generating (a cancel, an interrupt, an option set)."""
+        status: dict[str, int] = {}
+
+        async def noting(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noting)
+        finally:
+            self._record(principal, template, [], headers, started, status.get("code"),
+                         scope.get("state", {}).get("audit", {}))
 
     # -- the checks, in order ---------------------------------------------------------------------
     def _authenticate(self, headers: dict[str, str], scope: dict[str, Any], path: str) -> Principal | None:
