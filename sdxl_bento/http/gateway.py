@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from typing import Any, Callable
 from urllib.parse import parse_qsl
@@ -37,6 +38,8 @@ from .auth import extract_key
 from .ratelimit import Limit, RateLimiter
 from .routes import Route, RouteTable
 from .signing import INTERNAL_HEADERS, Signer
+from .upload import STATE_KEY as UPLOAD_STATE
+from .upload import read_upload
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +102,13 @@ class Gateway:
                 raise ShuttingDown("the service is shutting down; try again shortly (or another replica)",
                                    retry_after=30)
             deadline = self._deadline(headers)
-            if route is not None:
+            if route is not None and route.upload is not None:  # an image file: read once, handed over as is
+                state[UPLOAD_STATE] = route.parse(await read_upload(
+                    headers, receive, max_bytes=route.upload, max_json_bytes=self.max_body_bytes))[0]
+                body = b"{}"
+                admission = Admission(images=0, priority=principal.tier.priority,
+                                      deadline_s=min(deadline or math.inf, principal.tier.default_deadline_s))
+            elif route is not None:
                 body = await self._read_body(headers, receive)
                 requests, admission = self._police(route, principal, body, deadline)
                 if route.batch:
@@ -139,6 +148,9 @@ class Gateway:
             await send(message)
 
         if route is not None and route.batch:
+            _set_header(scope, "content-length", str(len(body)))
+        if route is not None and route.upload is not None:  # BentoML reads an empty JSON body
+            _set_header(scope, "content-type", "application/json")
             _set_header(scope, "content-length", str(len(body)))
         try:
             await self.app(scope, replay, send_with_headers)
