@@ -123,6 +123,17 @@ def test_img2img_of_a_signed_image_carries_it_as_its_ingredient(signing, served_
         assert c["generation"]["mode"] == "img2img" and c["manifests"] == 2
 
 
+def test_refine_names_its_source_and_the_refiner(signing, served_png):
+    _, client, _, _ = signing
+    answer = client.post("/refine", json={"prompt": "more detail", "image_id": served_png.headers["X-Image-Id"],
+                                          "seed": 2, "steps": 4, "strength": 0.5, "return_base64": True})
+    assert answer.status_code == 200, answer.text
+    c = verify(client, base64.b64decode(answer.json()["images"][0]["base64"]))["c2pa"]
+    assert c["trusted"] and [a["action"] for a in c["actions"]] == ["c2pa.opened", "c2pa.edited"]
+    assert c["generation"]["mode"] == "refine" and c["generation"]["model"]["tag"].startswith("sdxl-refiner:")
+    assert len(c["generation"]["model"]["weights_sha256"]) == 64 and len(c["ingredients"]) == 1
+
+
 def test_img2img_of_a_foreign_image_does_not_name_it(signing):
     _, client, _, _ = signing
     foreign = io.BytesIO()

@@ -342,3 +342,34 @@ def test_the_weights_sha256_is_what_sha256sum_computes(tmp_path):
     shell = subprocess.run(["bash", "-c", "find . -type f -name '*.safetensors' -printf '%P\\n' | LC_ALL=C sort "
                             "| xargs sha256sum | sha256sum"], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert folder_weights_sha256(tmp_path) == shell.stdout.split()[0]
+
+
+def test_imported_models_record_their_weights_sha256(bentoml_home):
+    from sdxl_bento.store import modelstore
+
+    stored = modelstore.find("sdxl-base:latest")
+    assert stored.metadata["weights_sha256"] == modelstore.folder_weights_sha256(stored.path)
+    assert modelstore.weights_sha256(stored) == stored.metadata["weights_sha256"]
+
+
+def test_a_model_without_the_record_is_hashed_once_and_remembered(bentoml_home, tmp_path):
+    from sdxl_bento.store import modelstore
+
+    stored = modelstore.find("sdxl-base:latest")
+    older = modelstore.StoredPipeline(stored.tag, stored.path, {k: v for k, v in stored.metadata.items()
+                                                                if k != "weights_sha256"})
+    digest = modelstore.weights_sha256(older, cache_dir=tmp_path)
+    assert digest == stored.metadata["weights_sha256"]
+    assert json.loads((tmp_path / "weights-sha256.json").read_text()) == {stored.tag: digest}
+
+
+def test_the_benchmark_runs(tmp_path):
+    import sys
+
+    out = tmp_path / "provenance.json"
+    done = subprocess.run([sys.executable, "bench/provenance.py", "--size", "256", "--repeats", "1", "--out", str(out)],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["manifest_bytes"]["png"] > 1000 and "sign png es256" in result["timings"]
+    assert result["watermark_bits_matched"]["png"] >= 0
