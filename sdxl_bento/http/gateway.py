@@ -5,7 +5,8 @@ id. In order: repeated query parameters or credential/content headers (400, sinc
 code could read different copies) -> API key, or a replica's signed forward (401) -> credentials removed
 from the request, so that no task record or log holds them -> for generation routes: body size (413) and
 type (415) -> the body turned into typed native requests by the route's parser (400, in the route's API
-shape) -> ``policy.police`` of each typed request (403) -> the key's concurrent jobs and token buckets (429
+shape; a route that takes an image file reads it here, once, within its own limit: ``upload.py``) ->
+``policy.police`` of each typed request (403) -> the key's concurrent jobs and token buckets (429
 with ``Retry-After``). The caller (``principal``), its deadline and the admission go into the request
 state. Exactly one audit line per request is written when the request is over (for a task: when the task
 ends), merged with what the API method recorded in ``state["audit"]``.

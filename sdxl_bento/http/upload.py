@@ -18,8 +18,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from ..core.uploads import base64_bytes
+from ..errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 
 RAW_TYPES = ("image/png", "image/jpeg", "image/webp", "application/octet-stream")
 FORM_OVERHEAD = 64 * 1024

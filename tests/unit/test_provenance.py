@@ -4,6 +4,7 @@ The certificates are made in the tests (``tests/c2pa_testing.py``)."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import struct
@@ -34,7 +35,7 @@ from sdxl_bento.core.verify import inspect
 from sdxl_bento.core.watermark import Watermarker
 from sdxl_bento.errors import InvalidRequest
 from sdxl_bento.jobs import BatchKey, Work
-from sdxl_bento.schemas import GenerateRequest, Img2ImgRequest
+from sdxl_bento.schemas import GenerateRequest, Img2ImgRequest, InpaintRequest
 from tests.c2pa_testing import make_chain, time_stamping_authority
 
 MEDIA = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -329,6 +330,17 @@ def test_img2img_of_a_stored_signed_image_names_it_as_ingredient(chains, tmp_pat
     assert [a.action for a in report.actions] == ["c2pa.opened", "c2pa.edited"]
     assert report.ingredients[0].title == f"{first.id}.png" and report.ingredients[0].has_manifest
     assert report.generation["mode"] == "img2img"
+
+    mask = base64.b64encode(encode(Image.new("L", (256, 256), 255), "png")).decode()
+    inpaint = InpaintRequest(prompt="a red door", image_id=out.id, mask=mask, seed=4, width=256, height=256,
+                             steps=2, output_format="webp")
+    ikey = BatchKey(kind="inpaint", width=256, height=256, steps=2, guidance_scale=5.0, scheduler="euler",
+                    strength=0.6)
+    (painted,) = gen.store(Work(key=ikey, prompt=inpaint.prompt, negative_prompt="", seeds=[4]), [picture(seed=6)],
+                           inpaint, source=gen._edit_source(inpaint))
+    report = signer.reader.read(painted.data)
+    assert report.generation["mode"] == "inpaint" and report.ingredients[0].title == f"{out.id}.png"
+    assert report.manifests == 3  # the inpainting, the img2img it started from, and the first image
 
 
 def test_the_weights_sha256_is_what_sha256sum_computes(tmp_path):
