@@ -314,6 +314,22 @@ def test_stored_images_are_signed_with_the_same_pixels_as_unsigned_ones(chains, 
         assert report.generation["parameters_sha256"] == parameters_sha256(b.parameters)
 
 
+def test_an_image_that_cannot_be_signed_fails_its_request_instead_of_going_out_unsigned(chains, tmp_path):
+    import socket
+
+    from sdxl_bento.errors import GenerationFailed
+
+    with socket.socket() as s:  # a port nothing listens on: the TSA does not answer
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    gen = generation(tmp_path, provenance(chains["es256"], tsa_url=f"http://127.0.0.1:{port}/"))
+    req = GenerateRequest(prompt="a lighthouse", seed=7, width=256, height=256, steps=2)
+    key = BatchKey(kind="txt2img", width=256, height=256, steps=2, guidance_scale=5.0, scheduler="euler")
+    with pytest.raises(GenerationFailed, match="could not be signed"):
+        gen.store(Work(key=key, prompt="a lighthouse", negative_prompt="", seeds=[7]), [picture()], req)
+    assert not list(gen.images.root.iterdir())  # nothing unsigned was stored
+
+
 def test_img2img_of_a_stored_signed_image_names_it_as_ingredient(chains, tmp_path):
     signer = provenance(chains["es256"])
     gen = generation(tmp_path, signer)
