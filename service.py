@@ -20,6 +20,7 @@ from sdxl_bento.adapters import a1111
 from sdxl_bento.adapters import openai as openai_api
 from sdxl_bento.adapters.common import given
 from sdxl_bento.core.generation import RequestContext
+from sdxl_bento.core.verify import VerifyReport, VerifyWire
 from sdxl_bento.errors import ContentFiltered, InvalidRequest, ServiceError, Unauthorized, answers_in, native_error
 from sdxl_bento.http import apps, routes, upstream
 from sdxl_bento.http.tasks import run_task
@@ -41,7 +42,8 @@ ROUTES = routes.table(
                  openai_api.error_response),
              "/sdapi/v1/txt2img": routes.Route(
                  "/sdapi/v1/txt2img", lambda body: a1111.parse_body(body, REQUESTS.generate), a1111.from_error)},
-    mounted={"/sdapi/v1": a1111.from_error, "/models": native_error, "/images": native_error})
+    mounted={"/sdapi/v1": a1111.from_error, "/models": native_error, "/images": native_error},
+    uploads=(routes.upload("/verify", settings.max_upload_bytes),))
 front = Front.build(settings, ROUTES)
 upstream.apply(ROUTES.template)  # BentoML's request timers and metric labels
 
@@ -196,6 +198,14 @@ class SDXL:
     async def inpaint_jobs(self, ctx: bentoml.Context, **fields: Any) -> schemas.GenerateResponse:
         """``/inpaint`` as a task: ``/inpaint_jobs/submit``, ``/status``, ``/get``, ``/cancel``."""
         return await run_task(ctx, REQUESTS.inpaint.model_validate(fields), front=front, generation=self.generation)
+
+    @bentoml.api(input_spec=VerifyWire, route="/verify")
+    @answers_in()
+    async def verify(self, ctx: bentoml.Context, **fields: Any) -> VerifyReport:
+        """What an image says about its origin: its C2PA manifest (valid or not and why, signer, actions,
+        ingredients), this service's invisible watermark, its parameters text. The file as the body (image/png,
+        image/jpeg, image/webp), as multipart field ``image``, or as JSON ``{"image": "<base64>"}``."""
+        return await front.verify(ctx)
 
 
 for middleware, options in front.middlewares():

@@ -12,15 +12,18 @@ Mounted apps reach both through BentoML's ``get_current_service()`` (the service
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .adapters.a1111 import JobOwners
-from .core.generation import Generation, ModelInfo, RequestContext
+from .core.generation import UPLOAD_MAX_PIXELS, Generation, ModelInfo, RequestContext
 from .core.images import ImageStore
 from .core.policy import OPEN_PRINCIPAL, Principal
+from .core.provenance import Credentials, ManifestReader, Provenance
+from .core.verify import VerifyReport, inspect
 from .errors import ModelMissing, Unauthorized
 from .http.audit import AuditLog
 from .http.auth import KeyFile
@@ -33,6 +36,7 @@ from .http.routes import RouteTable
 from .http.shutdown import Drain
 from .http.signing import Signer
 from .http.tasks import TaskControl, TaskRegistry
+from .http.upload import STATE_KEY as UPLOAD_STATE
 from .settings import Settings, tags
 from .store import modelstore
 from .telemetry import metrics
@@ -62,15 +66,24 @@ class Front:
     tasks: TaskRegistry
     drain: Drain
     a1111_owners: JobOwners = field(default_factory=JobOwners)
+    credentials: Credentials | None = None
+    """The operator's C2PA signing certificate and key (``SDXL_BENTO_C2PA_CERT``/``_KEY``); None: no signing."""
+    verifier: ManifestReader = field(default_factory=ManifestReader)
+    """Reads manifests for ``/verify``, under the operator's trust anchors, recognising this service's own."""
 
     @classmethod
     def build(cls, settings: Settings, routes: RouteTable) -> Front:
         secret = settings.internal_secret.get_secret_value() if settings.internal_secret else None
         journal = TaskJournal(settings.state_dir / "tasks.db")
+        credentials = Credentials.load(settings.c2pa_cert, settings.c2pa_key) \
+            if settings.c2pa_cert and settings.c2pa_key else None
+        anchors = settings.c2pa_trust_anchors.read_text() if settings.c2pa_trust_anchors else None
         return cls(settings=settings, routes=routes,
                    keys=KeyFile(settings.keys_file) if settings.keys_file else None,
                    signer=Signer.load(secret, settings.state_dir), images=ImageStore(settings.image_dir),
-                   journal=journal, tasks=TaskRegistry(journal), drain=Drain(settings.shutdown_grace_s))
+                   journal=journal, tasks=TaskRegistry(journal), drain=Drain(settings.shutdown_grace_s),
+                   credentials=credentials,
+                   verifier=ManifestReader(trust_anchors=anchors, own=credentials.identity if credentials else None))
 
     def middlewares(self) -> list[tuple[type, dict[str, Any]]]:
         """In order, the outermost first: the gateway sees every request before the task routes do."""
@@ -125,6 +138,15 @@ class Front:
 
     def image_link(self, image_id: str) -> str:
         return self.signer.image_query(image_id, self.settings.image_url_ttl_s)
+
+    async def verify(self, ctx: Any) -> VerifyReport:
+        """``POST /verify``: the file the gateway read (``http/upload.py``), inspected off the event loop."""
+        state = ctx.request.state
+        upload = getattr(state, UPLOAD_STATE, None)
+        if upload is None:
+            raise Unauthorized("this request did not pass the gateway")
+        return await asyncio.to_thread(inspect, upload.data, self.verifier, max_pixels=UPLOAD_MAX_PIXELS,
+                                       max_bytes=self.settings.max_upload_bytes)
 
 
 @dataclass
@@ -221,6 +243,26 @@ def build_runtime(settings: Settings, front: Front, base: Any, refiner: Any, che
     else:
         logger.warning("no NSFW checker (%s not in the store): images are not checked", s.safety_model)
     watermark = s.watermark == "on" or (s.watermark == "auto" and not engine.models.synthetic)
+    provenance, digests = None, {}
+    if front.credentials is not None:
+        provenance = Provenance(front.credentials, tsa_url=s.c2pa_tsa_url, include_prompt=s.c2pa_include_prompt,
+                                reader=front.verifier)
+        provenance.self_test()
+        pipelines = [base, *([refiner] if refiner else []),
+                     *(modelstore.resolve(tag, "base") for tag in tags(s.checkpoints))]
+        digests = {p.tag: modelstore.weights_sha256(p, cache_dir=s.state_dir) for p in pipelines}
+        logger.info("C2PA: every image is signed as %s (%s)%s", front.credentials.subject, front.credentials.alg,
+                    f", timestamped by {s.c2pa_tsa_url}" if s.c2pa_tsa_url else "")
+    else:
+        logger.warning("C2PA signing is off (no SDXL_BENTO_C2PA_CERT and SDXL_BENTO_C2PA_KEY): images carry no "
+                       "Content Credentials")
+
+    def weights_sha256(tag: str) -> str | None:
+        if tag in digests:
+            return digests[tag]
+        lora = find_lora(tag)
+        return lora.metadata.get("sha256") if lora is not None else None
+
     generation = Generation(
         scheduler, front.images, ModelInfo(base.tag, refiner.tag if refiner else None, engine.models.synthetic),
         timeout=s.timeout, public_url=s.public_url, metrics=metrics(), guard=guard,
@@ -228,6 +270,7 @@ def build_runtime(settings: Settings, front: Front, base: Any, refiner: Any, che
         if s.cache else None, cache_unseeded=s.cache_unseeded, watermarker=Watermarker(watermark),
         policy=PromptPolicy.load(s.policy_file) if s.policy_file else None,
         resolve_model=engine.manager.resolve, has_lora=lambda name: find_lora(name) is not None,
-        max_upload_bytes=s.max_upload_bytes, sign_link=front.image_link if front.keys is not None else None)
+        max_upload_bytes=s.max_upload_bytes, sign_link=front.image_link if front.keys is not None else None,
+        provenance=provenance, weights_sha256=weights_sha256)
     return Runtime(engine=engine, scheduler=scheduler, generation=generation, throttle=throttle,
                    retention=retention, refiner_tag=refiner.tag if refiner else None)

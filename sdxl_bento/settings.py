@@ -192,6 +192,25 @@ class Settings(BaseSettings):
     audit_max_bytes: int = Field(default=50 * 2**20, ge=4096)
     """Size at which the audit file rotates (5 backups kept)."""
 
+    # -- provenance (C2PA Content Credentials) --------------------------------------------------------------
+    c2pa_cert: Optional[Path] = None
+    """PEM file: the signing certificate first, then its chain (ES256 or Ed25519). With ``c2pa_key``, every image
+    is signed with a C2PA manifest; without them, images carry none."""
+
+    c2pa_key: Optional[Path] = None
+    """PEM file: the unencrypted private key of the signing certificate (a secret: keep the file readable by the
+    service's user only)."""
+
+    c2pa_tsa_url: str = Field(default="", pattern=r"^(https?://\S+)?$", max_length=2000)
+    """An RFC 3161 time-stamping authority: each manifest then carries a trusted time. Empty: no timestamp."""
+
+    c2pa_include_prompt: bool = False
+    """Also write the prompt and negative prompt into the manifest (by default only a sha256 of the image's
+    parameters text is there)."""
+
+    c2pa_trust_anchors: Optional[Path] = None
+    """PEM root certificates that ``/verify`` and ``sdxl-bento verify`` trust besides the C2PA library's own."""
+
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":
         if self.auth == "required" and self.keys_file is None:
@@ -200,6 +219,8 @@ class Settings(BaseSettings):
         if self.keys_file is not None and self.replica_url and self.internal_secret is None:
             raise ValueError("with keys and SDXL_BENTO_REPLICA_URL, the replicas need a shared "
                              "SDXL_BENTO_INTERNAL_SECRET (it signs requests forwarded between them and image links)")
+        if (self.c2pa_cert is None) != (self.c2pa_key is None):
+            raise ValueError("C2PA signing needs both SDXL_BENTO_C2PA_CERT and SDXL_BENTO_C2PA_KEY (or neither)")
         return self
 
     def warmup(self, device: str) -> tuple[int, int]:

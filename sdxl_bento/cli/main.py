@@ -1,4 +1,4 @@
-"""The ``sdxl-bento`` command: put models into the Bento model store and list them."""
+"""The ``sdxl-bento`` command: put models into the Bento model store and list them; generate; verify."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from .. import buildinfo
 from ..store import modelstore as store
 from . import generate as cli_generate
+from . import verify as cli_verify
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -110,6 +111,7 @@ def parser() -> argparse.ArgumentParser:
                      help="keys file, YAML or TOML (default: $SDXL_BENTO_KEYS_FILE or ./keys.yaml)")
     add.set_defaults(run=_keys_add)
     cli_generate.register(groups)
+    cli_verify.register(groups)
     return top
 
 

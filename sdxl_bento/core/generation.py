@@ -11,14 +11,25 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import io
 import os
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from PIL import Image
+
 from .. import samplers
-from ..errors import Cancelled, DeadlineExceeded, InvalidRequest, NotFound, ServiceError, Unavailable
+from ..errors import (
+    Cancelled,
+    DeadlineExceeded,
+    GenerationFailed,
+    InvalidRequest,
+    NotFound,
+    ServiceError,
+    Unavailable,
+)
 from ..gpu.scheduler import Job, Scheduler
 from ..jobs import BatchKey, Work
 from ..schemas import (
@@ -37,8 +48,9 @@ from .cache import CachedImage, Coalescer, ResultCache, cache_key
 from .images import MEDIA_TYPES, ImageStore, encode, infotext
 from .policy import OPEN_PRINCIPAL, Admission, Principal, check_size, max_pixels, may_use, owner_of, police
 from .prompts import PromptPolicy
+from .provenance import Claim, Model, Provenance, Source
 from .safety import ImageGuard
-from .uploads import decode_base64_image
+from .uploads import base64_bytes, decode_base64_image
 from .watermark import Watermarker
 
 Request = GenerateRequest | RefineRequest | Img2ImgRequest | InpaintRequest
@@ -85,7 +97,8 @@ class Generation:
                  metrics: Any = None, policy: PromptPolicy | None = None, guard: ImageGuard | None = None,
                  watermarker: Watermarker | None = None, resolve_model: Callable[[str], str] | None = None,
                  has_lora: Callable[[str], bool] | None = None, max_upload_bytes: int = 12 * 2**20,
-                 sign_link: Callable[[str], str] | None = None) -> None:
+                 sign_link: Callable[[str], str] | None = None, provenance: Provenance | None = None,
+                 weights_sha256: Callable[[str], str | None] | None = None) -> None:
         self.scheduler = scheduler
         self.images = images
         self.models = models
@@ -105,6 +118,10 @@ class Generation:
         self.max_upload_bytes = max_upload_bytes
         self.sign_link = sign_link
         """With keys: an image id -> the query that lets its link open without a key (``http/signing.py``)."""
+        self.provenance = provenance
+        """With the operator's C2PA credentials: signs every image (``provenance.py``); None: no manifests."""
+        self.weights_sha256 = weights_sha256 or (lambda tag: None)
+        """A model or LoRA tag -> its weights' sha256, for the manifests."""
 
     # -- requests to works -------------------------------------------------------------------
     def _style(self, req: GenerateRequest | Img2ImgRequest) -> dict[str, Any]:
@@ -273,8 +290,32 @@ class Generation:
         if ctx.on_submit is not None:
             ctx.on_submit([job])
         images = await self.wait(job, timeout)
-        stored = await asyncio.to_thread(self.store, job.work, images, req, owner_of(ctx.principal))
+        stored = await asyncio.to_thread(self.store, job.work, images, req, owner_of(ctx.principal),
+                                         self._edit_source(req) if self.provenance is not None else None)
         return Outcome(images=stored, queue_s=job.queue_seconds, gpu_s=job.run_seconds, model=work.key.model)
+
+    def _edit_source(self, req: Request) -> Callable[[], Source | None] | None:
+        """The image an edit starts from, for its manifest (read in the encode thread, off the event loop): a
+        stored image (the caller's, checked by ``work``) is this service's; an upload is when it carries a valid
+        manifest signed with this service's certificate."""
+        image_id = getattr(req, "image_id", None)
+        if image_id is not None:
+            def stored() -> Source:
+                info = self.images.info(str(image_id))
+                return Source(data=info.path.read_bytes(), media_type=info.media_type, ours=True,
+                              image_id=str(image_id))
+            return stored
+        upload = getattr(req, "image", None)
+        if upload is None:
+            return None
+
+        def uploaded() -> Source:
+            data = base64_bytes(upload, max_bytes=self.max_upload_bytes)  # as ``work`` decoded it
+            with Image.open(io.BytesIO(data)) as header:  # the header only
+                media_type = MEDIA_TYPES.get(str(header.format).lower(), "image/png")
+            assert self.provenance is not None
+            return Source(data=data, media_type=media_type, ours=self.provenance.is_ours(data))
+        return uploaded
 
     async def wait(self, job: Job, timeout: float) -> list[Any]:
         """The job's images; on a timeout or when the waiter goes away, the job is cancelled."""
@@ -292,10 +333,13 @@ class Generation:
             self.scheduler.cancel(job)
             raise
 
-    def store(self, work: Work, images: list[Any], req: Request, owner: str | None = None) -> list[CachedImage]:
+    def store(self, work: Work, images: list[Any], req: Request, owner: str | None = None,
+              source: Callable[[], Source | None] | None = None) -> list[CachedImage]:
         """Check each image (before it is stored, cached or returned), watermark it, encode it with its own
-        parameters and save it. A withheld image keeps its place, with no id and no data."""
+        parameters, sign it (C2PA, when configured; ``source``: what an edit started from) and save it. A
+        withheld image keeps its place, with no id and no data."""
         key, fmt = work.key, req.output_format.value
+        origin = source() if source is not None else None
         flagged = [False] * len(images)
         if self.guard is not None and req.safety_check:
             with self._guard_lock:  # one checker model, one caller at a time
@@ -311,6 +355,8 @@ class Generation:
             if self.watermarker is not None:
                 (image,) = self.watermarker.apply([image])
             data = encode(image, fmt, req.quality, text)
+            if self.provenance is not None:
+                data = self._sign(data, fmt, self._claim(req, key, text, origin))
             return CachedImage(id=self.images.save(data, fmt, owner=owner), seed=seed, media_type=MEDIA_TYPES[fmt],
                                width=image.width, height=image.height, parameters=text, data=data,
                                finish_reason=reason)
@@ -321,6 +367,32 @@ class Generation:
         if self.metrics is not None and any(flagged):
             self.metrics.content_filtered.inc(sum(flagged))
         return out
+
+    def _claim(self, req: Request, key: BatchKey, text: str, source: Source | None) -> Claim:
+        """What an image's manifest says: the mode, the models with their weights' sha256, the parameters text."""
+        refiner = Model(self.models.refiner_tag, self.weights_sha256(self.models.refiner_tag)) \
+            if key.uses_refiner and self.models.refiner_tag else None
+        tag = key.model or self.models.base_tag
+        model = refiner if key.kind == "refine" and refiner is not None else Model(tag, self.weights_sha256(tag))
+        return Claim(mode=key.kind, model=model, parameters=text, prompt=req.prompt,
+                     negative_prompt=req.negative_prompt, refiner=refiner if model is not refiner else None,
+                     loras=tuple((name, weight, self.weights_sha256(name)) for name, weight in key.loras),
+                     source=source)
+
+    def _sign(self, data: bytes, fmt: str, claim: Claim) -> bytes:
+        """The encoded image with its C2PA manifest; a refusal of the C2PA library fails the request (a promised
+        manifest is never silently left out)."""
+        assert self.provenance is not None
+        started = time.perf_counter()
+        try:
+            signed = self.provenance.sign(data, MEDIA_TYPES[fmt], claim)
+        except Exception as exc:
+            if self.metrics is not None:
+                self.metrics.c2pa_sign_failures.inc()
+            raise GenerationFailed(f"the image could not be signed (C2PA): {exc}") from exc
+        if self.metrics is not None:
+            self.metrics.c2pa_sign_seconds.labels(format=fmt).observe(time.perf_counter() - started)
+        return signed
 
     def parameters(self, req: Request, key: BatchKey, seed: int) -> dict[str, Any]:
         params: dict[str, Any] = {

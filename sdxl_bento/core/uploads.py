@@ -71,6 +71,13 @@ def decode_image(data: bytes, *, max_pixels: int, max_bytes: int, field: str = "
 
 def decode_base64_image(text: str, *, max_pixels: int, max_bytes: int, field: str = "image") -> Image.Image:
     """``decode_image`` for base64 text (a ``data:image/...;base64,`` URL prefix is accepted)."""
+    return decode_image(base64_bytes(text, max_bytes=max_bytes, field=field), max_pixels=max_pixels,
+                        max_bytes=max_bytes, field=field)
+
+
+def base64_bytes(text: str, *, max_bytes: int, field: str = "image") -> bytes:
+    """The bytes of base64 text (a ``data:image/...;base64,`` URL prefix is accepted), refused before decoding
+    when they would be more than ``max_bytes``."""
     if not isinstance(text, str):
         raise InvalidRequest(f"{field}: expected base64 text", field=field)
     text = _DATA_URL.sub("", text.strip(), count=1)
@@ -80,10 +87,9 @@ def decode_base64_image(text: str, *, max_pixels: int, max_bytes: int, field: st
         raise InvalidRequest(f"{field}: the image is about {len(text) // 4 * 3} bytes, more than the limit of "
                              f"{max_bytes}", field=field)
     try:
-        data = base64.b64decode(text, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidRequest(f"{field}: not valid base64", field=field) from None
-    return decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes, field=field)
 
 
 def _what(data: bytes) -> str:

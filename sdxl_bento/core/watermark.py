@@ -4,6 +4,7 @@ diffusers and Stability's reference code apply it."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -58,3 +59,32 @@ class Watermarker:
             out.putalpha(alpha)
         out.info.update(image.info)
         return out
+
+
+WATERMARK_MIN_MATCH = 41
+"""Bits of the 48 that must read back for ``detect`` to call the watermark present. On an image without it the bits
+read back are about as good as coin flips: 41 or more of 48 by chance has a probability of about 3e-7."""
+
+
+@dataclass(frozen=True)
+class Detection:
+    checked: bool
+    """False when the image is too small to carry the watermark (under 256x256 pixels)."""
+    present: bool = False
+    matched: int = 0
+    """Bits of ``WATERMARK_BITS`` read back from the image."""
+    bits: int = len(WATERMARK_BITS)
+
+
+def detect(image: Image.Image) -> Detection:
+    """Read the 48 bits back with invisible-watermark's ``WatermarkDecoder`` (dwtDct, as encoded: BGR float pixels)
+    and compare them with SDXL's message."""
+    import numpy as np
+    from imwatermark import WatermarkDecoder
+
+    if image.width * image.height < _MIN_SIDE * _MIN_SIDE:
+        return Detection(checked=False)
+    bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.float32)[:, :, ::-1])
+    decoded = WatermarkDecoder("bits", len(WATERMARK_BITS)).decode(bgr, "dwtDct")
+    matched = sum(int(bool(a) == bool(b)) for a, b in zip(decoded, WATERMARK_BITS))
+    return Detection(checked=True, present=matched >= WATERMARK_MIN_MATCH, matched=matched)

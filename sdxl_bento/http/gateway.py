@@ -5,7 +5,8 @@ id. In order: repeated query parameters or credential/content headers (400, sinc
 code could read different copies) -> API key, or a replica's signed forward (401) -> credentials removed
 from the request, so that no task record or log holds them -> for generation routes: body size (413) and
 type (415) -> the body turned into typed native requests by the route's parser (400, in the route's API
-shape) -> ``policy.police`` of each typed request (403) -> the key's concurrent jobs and token buckets (429
+shape; a route that takes an image file reads it here, once, within its own limit: ``upload.py``) ->
+``policy.police`` of each typed request (403) -> the key's concurrent jobs and token buckets (429
 with ``Retry-After``). The caller (``principal``), its deadline and the admission go into the request
 state. Exactly one audit line is written per generation request (for a task: when the task ends, merged with
 what the API method recorded in ``state["audit"]``) and per request that changes something (a cancel, an
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from typing import Any, Callable
 from urllib.parse import parse_qsl
@@ -38,6 +40,8 @@ from .auth import extract_key
 from .ratelimit import Limit, RateLimiter
 from .routes import Route, RouteTable
 from .signing import INTERNAL_HEADERS, Signer
+from .upload import STATE_KEY as UPLOAD_STATE
+from .upload import read_upload
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +106,13 @@ class Gateway:
                 raise ShuttingDown("the service is shutting down; try again shortly (or another replica)",
                                    retry_after=30)
             deadline = self._deadline(headers)
-            if route is not None:
+            if route is not None and route.upload is not None:  # an image file: read once, handed over as is
+                state[UPLOAD_STATE] = route.parse(await read_upload(
+                    headers, receive, max_bytes=route.upload, max_json_bytes=self.max_body_bytes))[0]
+                body = b"{}"
+                admission = Admission(images=0, priority=principal.tier.priority,
+                                      deadline_s=min(deadline or math.inf, principal.tier.default_deadline_s))
+            elif route is not None:
                 body = await self._read_body(headers, receive)
                 requests, admission = self._police(route, principal, body, deadline)
                 if route.batch:
@@ -142,6 +152,9 @@ class Gateway:
             await send(message)
 
         if route is not None and route.batch:
+            _set_header(scope, "content-length", str(len(body)))
+        if route is not None and route.upload is not None:  # BentoML reads an empty JSON body
+            _set_header(scope, "content-type", "application/json")
             _set_header(scope, "content-length", str(len(body)))
         try:
             await self.app(scope, replay, send_with_headers)

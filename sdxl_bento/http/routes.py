@@ -31,10 +31,18 @@ class Route:
     """Submits a BentoML task (``/<task>/submit``)."""
     batch: bool = False
     """Its items are stamped with their caller (BentoML's adaptive batching merges several callers' items)."""
+    upload: int | None = None
+    """Takes an image file of at most this many bytes instead of a JSON request (``upload.py``): ``parse`` gets
+    the ``Upload`` the gateway read."""
 
 
 def single(model: type[BaseModel]) -> Callable[[Any], list[Any]]:
     return lambda body: [model.model_validate(body)]
+
+
+def upload(path: str, max_bytes: int) -> Route:
+    """A route that takes an image file (raw, multipart or base64 JSON; ``upload.py``)."""
+    return Route(path, lambda file: [file], upload=max_bytes)
 
 
 def batch_items(model: type[BaseModel]) -> Callable[[Any], list[Any]]:
@@ -55,7 +63,8 @@ def batch_items(model: type[BaseModel]) -> Callable[[Any], list[Any]]:
 @dataclass(frozen=True)
 class RouteTable:
     generation: dict[str, Route]
-    """POST routes that generate (or submit work that generates), by path."""
+    """POST routes whose body the gateway reads and polices, by path: those that generate (or submit work that
+    generates), and those that take an image file (``Route.upload``)."""
     task_prefixes: tuple[str, ...]
     """BentoML task routes: ``<prefix>/submit``, ``/status``, ``/get``, ``/cancel``, ``/retry``."""
     mounted: dict[str, Shape] = field(default_factory=dict)
@@ -94,7 +103,7 @@ class RouteTable:
 
 
 def table(native: dict[str, type[BaseModel]], tasks: dict[str, type[BaseModel]], *, batch: type[BaseModel],
-          foreign: dict[str, Route], mounted: dict[str, Shape]) -> RouteTable:
+          foreign: dict[str, Route], mounted: dict[str, Shape], uploads: tuple[Route, ...] = ()) -> RouteTable:
     """The service's routes: ``native`` single-request routes and ``tasks`` prefixes by their input model, the
     batch route, the ``foreign`` APIs' generation routes (their adapters' parsers and error shapes), and the
     ``mounted`` apps the gateway guards (a signed link can also open ``/images``)."""
@@ -104,4 +113,5 @@ def table(native: dict[str, type[BaseModel]], tasks: dict[str, type[BaseModel]],
         generation[f"{prefix}/submit"] = Route(f"{prefix}/submit", single(model), task=True)
     generation["/generate_batch"] = Route("/generate_batch", batch_items(batch), batch=True)
     generation.update(foreign)
+    generation.update({route.path: route for route in uploads})
     return RouteTable(generation=generation, task_prefixes=tuple(tasks), mounted=mounted, open_reads=("/images",))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,7 @@ def save_pipeline(pipe: Any, *, name: str, role: Role, source: str, dtype: str, 
     labels = {"project": "sdxl-bento", "role": role, "synthetic": str(synthetic).lower()}
     with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
         pipe.save_pretrained(model.path, safe_serialization=True)
+        model.info.metadata["weights_sha256"] = folder_weights_sha256(Path(model.path))  # C2PA manifests name it
     logger.info("saved %s %s from %s", role, model.tag, source)
     return str(model.tag)
 
@@ -226,3 +228,45 @@ def file_sha256(path: Path, chunk: int = 8 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
+
+
+def weights_listing(root: Path) -> str:
+    """``sha256sum`` lines (``<hex>  <path>``) of every weight file under ``root``, by path (byte order)."""
+    files = sorted((p for p in Path(root).rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES),
+                   key=lambda p: p.relative_to(root).as_posix().encode())
+    return "".join(f"{file_sha256(p)}  {p.relative_to(root).as_posix()}\n" for p in files)
+
+
+def folder_weights_sha256(root: Path) -> str:
+    """The sha256 of a model's weights: of its ``weights_listing``, so that anyone can recompute it with
+    ``cd MODEL && find . -type f -name '*.safetensors' -printf '%P\\n' | LC_ALL=C sort | xargs sha256sum | sha256sum``
+    (README: Provenance)."""
+    return hashlib.sha256(weights_listing(root).encode()).hexdigest()
+
+
+def weights_sha256(stored: StoredPipeline, cache_dir: Path | None = None) -> str:
+    """The weights' sha256 as recorded at import; for a model imported before it was recorded, computed once and
+    kept in ``cache_dir/weights-sha256.json`` by tag (a stored version's files never change)."""
+    recorded = stored.metadata.get("weights_sha256")
+    if isinstance(recorded, str) and len(recorded) == 64:
+        return recorded
+    cache = Path(cache_dir) / "weights-sha256.json" if cache_dir is not None else None
+    known: dict[str, str] = {}
+    if cache is not None and cache.is_file():
+        try:
+            known = json.loads(cache.read_text())
+        except ValueError:
+            known = {}
+    if stored.tag not in known:
+        logger.info("computing the sha256 of %s's weights (once; recorded at import for models imported from now on)",
+                    stored.tag)
+        known[stored.tag] = folder_weights_sha256(stored.path)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")  # workers may compute it side by side
+            tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+            tmp.replace(cache)
+    return known[stored.tag]
