@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from .adapters.a1111 import JobOwners
+from .adapters.a1111_options import OptionsStore
 from .core.generation import Generation, ModelInfo, RequestContext
 from .core.images import ImageStore
-from .core.policy import OPEN_PRINCIPAL, Principal
+from .core.policy import OPEN_PRINCIPAL, Principal, owner_of
+from .core.styles import StyleBook
 from .errors import ModelMissing, Unauthorized
 from .http.audit import AuditLog
 from .http.auth import KeyFile
@@ -62,6 +64,10 @@ class Front:
     tasks: TaskRegistry
     drain: Drain
     a1111_owners: JobOwners = field(default_factory=JobOwners)
+    styles: StyleBook = field(default_factory=lambda: StyleBook(None))
+    """The operator's prompt styles (``SDXL_BENTO_STYLES_FILE``)."""
+    a1111_options: OptionsStore | None = None
+    """Each key's AUTOMATIC1111 settings (``/sdapi/v1/options``), in the state folder."""
 
     @classmethod
     def build(cls, settings: Settings, routes: RouteTable) -> Front:
@@ -70,7 +76,13 @@ class Front:
         return cls(settings=settings, routes=routes,
                    keys=KeyFile(settings.keys_file) if settings.keys_file else None,
                    signer=Signer.load(secret, settings.state_dir), images=ImageStore(settings.image_dir),
-                   journal=journal, tasks=TaskRegistry(journal), drain=Drain(settings.shutdown_grace_s))
+                   journal=journal, tasks=TaskRegistry(journal), drain=Drain(settings.shutdown_grace_s),
+                   styles=StyleBook(settings.styles_file),
+                   a1111_options=OptionsStore(settings.state_dir / "a1111-options.json"))
+
+    def a1111_settings(self, principal: Principal) -> dict[str, Any]:
+        """The caller's AUTOMATIC1111 options (``POST /sdapi/v1/options``): its key's, or everyone's without keys."""
+        return self.a1111_options.get(owner_of(principal)) if self.a1111_options is not None else {}
 
     def middlewares(self) -> list[tuple[type, dict[str, Any]]]:
         """In order, the outermost first: the gateway sees every request before the task routes do."""
@@ -135,6 +147,8 @@ class Runtime:
     throttle: Any
     retention: RetentionSweeper
     refiner_tag: str | None
+    checkpoint_tags: tuple[str, ...] = ()
+    """The checkpoints the operator configured (the base and ``SDXL_BENTO_CHECKPOINTS``), as given."""
 
     def ready(self, front: Front) -> bool:
         """``/readyz``: not while shutting down, nor while a hot GPU has paused admission."""
@@ -145,6 +159,18 @@ class Runtime:
     def stop(self) -> None:
         self.retention.stop()
         self.scheduler.stop()
+
+    def refresh_checkpoints(self) -> list[str]:
+        """Look the configured checkpoints up in the model store again (AUTOMATIC1111's refresh-checkpoints): a
+        version imported since the start becomes what its name runs. Returns the tags newly registered."""
+        known = {row["tag"] for row in self.engine.manager.available()}
+        added = []
+        for tag in self.checkpoint_tags:
+            stored = modelstore.find(tag)
+            if stored is not None and stored.metadata.get("role") == "base" and stored.tag not in known:
+                self.engine.add_checkpoint(stored)
+                added.append(stored.tag)
+        return added
 
 
 def build_runtime(settings: Settings, front: Front, base: Any, refiner: Any, checker: Any) -> Runtime:
@@ -228,6 +254,8 @@ def build_runtime(settings: Settings, front: Front, base: Any, refiner: Any, che
         if s.cache else None, cache_unseeded=s.cache_unseeded, watermarker=Watermarker(watermark),
         policy=PromptPolicy.load(s.policy_file) if s.policy_file else None,
         resolve_model=engine.manager.resolve, has_lora=lambda name: find_lora(name) is not None,
-        max_upload_bytes=s.max_upload_bytes, sign_link=front.image_link if front.keys is not None else None)
+        max_upload_bytes=s.max_upload_bytes, sign_link=front.image_link if front.keys is not None else None,
+        styles=front.styles)
     return Runtime(engine=engine, scheduler=scheduler, generation=generation, throttle=throttle,
-                   retention=retention, refiner_tag=refiner.tag if refiner else None)
+                   retention=retention, refiner_tag=refiner.tag if refiner else None,
+                   checkpoint_tags=(s.base_model, *tags(s.checkpoints)))

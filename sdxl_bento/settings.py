@@ -192,6 +192,10 @@ class Settings(BaseSettings):
     audit_max_bytes: int = Field(default=50 * 2**20, ge=4096)
     """Size at which the audit file rotates (5 backups kept)."""
 
+    styles_file: Optional[Path] = None
+    """Prompt styles (AUTOMATIC1111's styles.csv, or YAML/JSON: name, prompt, negative_prompt), re-read when it
+    changes; requests name them in ``styles``. None: no styles."""
+
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":
         if self.auth == "required" and self.keys_file is None:
