@@ -213,7 +213,8 @@ def extract_loras(prompt: str, *, apply: bool = True, field: str = "prompt") -> 
         return ""
 
     text = _EXTRA_NETWORK.sub(take, prompt)
-    text = re.sub(r"\s*,\s*(,\s*)+", ", ", re.sub(r"[ \t]{2,}", " ", text)).strip().strip(",").strip()
+    text = re.sub(r"\s+,", ",", re.sub(r"[ \t]{2,}", " ", text))
+    text = re.sub(r",\s*(,\s*)+", ", ", text).strip().strip(",").strip()
     return text, loras
 
 
@@ -399,6 +400,9 @@ def _validated(model: type[Any], fields: dict[str, Any], req: _A1111Request) -> 
         return model.model_validate(fields)
     except ValidationError as exc:
         name, detail = first_error(exc)
+        named = re.match(r"(\w+): ", detail)  # a check of the whole request names its field first
+        if name is None and named and named.group(1) in model.model_fields:
+            name, detail = named.group(1), detail[len(named.group(0)):]
         if name is None:
             raise InvalidRequest(detail) from None
         if name == "num_images":
