@@ -447,9 +447,11 @@ def to_a1111_response(req: _A1111Request, generated: Any, images: list[CachedIma
         extra["Content filtered"] = withheld
     strength = getattr(generated, "strength", None) if isinstance(generated, Img2ImgRequest) else (
         hires.denoising_strength if hires is not None else None)
+    ran = [_infotext_prompts(image.parameters) for image in images]  # with the styles applied, as A1111's all_*
     info = {
-        "prompt": generated.prompt, "all_prompts": [generated.prompt] * count,
-        "negative_prompt": generated.negative_prompt, "all_negative_prompts": [generated.negative_prompt] * count,
+        "prompt": generated.prompt, "all_prompts": [prompt for prompt, _ in ran] or [generated.prompt] * count,
+        "negative_prompt": generated.negative_prompt,
+        "all_negative_prompts": [negative for _, negative in ran] or [generated.negative_prompt] * count,
         "seed": seeds[0] if seeds else None, "all_seeds": seeds,
         "subseed": subseeds[0] if subseeds and subseeds[0] is not None else -1,
         "all_subseeds": [s if s is not None else -1 for s in subseeds],
@@ -469,6 +471,15 @@ def to_a1111_response(req: _A1111Request, generated: Any, images: list[CachedIma
     if isinstance(req, A1111Img2ImgRequest) and not req.include_init_images:
         parameters.update(init_images=None, mask=None)
     return {"images": encoded, "parameters": parameters, "info": json.dumps(info)}
+
+
+def _infotext_prompts(text: str) -> tuple[str, str]:
+    """The prompt and negative prompt an image's infotext records (the last line holds the parameters)."""
+    head = text.rsplit("\n", 1)[0] if "\n" in text else ""
+    prompt, _, negative = head.partition("\nNegative prompt: ")
+    if head.startswith("Negative prompt: "):
+        prompt, negative = "", head.removeprefix("Negative prompt: ")
+    return prompt, negative
 
 
 def _infotext_value(text: str, key: str) -> int | None:

@@ -111,7 +111,9 @@ def test_webuiapi_txt2img_hires_tiling_variation_styles(webui):
     varied = webui.txt2img(prompt="a lighthouse", seed=5, width=256, height=256, subseed=9, subseed_strength=0.4)
     assert differ(varied.image, plain.image) > 0.5 and varied.info["all_subseeds"] == [9]
     styled = webui.txt2img(prompt="a lighthouse", seed=5, width=256, height=256, styles=["noir"])
-    assert styled.info["prompt"] == "a lighthouse, film noir, dramatic light" and styled.info["styles"] == ["noir"]
+    assert styled.info["prompt"] == "a lighthouse" and styled.info["styles"] == ["noir"]  # as A1111: the prompt
+    assert styled.info["all_prompts"] == ["a lighthouse, film noir, dramatic light"]  # sent; what ran, styled
+    assert styled.info["all_negative_prompts"] == ["colour"]
     assert differ(styled.image, plain.image) > 0 and "Styles: noir" in styled.info["infotexts"][0]
 
 
@@ -225,7 +227,8 @@ def test_tiled_images_meet_at_their_edges(http):
 
 def test_lora_in_the_prompt_is_applied_and_stripped(http):
     with_lora, info = txt2img(http, prompt="a lighthouse <lora:brand:1>")
-    assert info["prompt"] == "a lighthouse" and "Lora: brand:1" in info["infotexts"][0]
+    assert info["prompt"] == "a lighthouse" and info["all_prompts"] == ["a lighthouse"]
+    assert "Lora: brand:1" in info["infotexts"][0]
     assert "<lora" not in read_parameters(base64.b64decode(with_lora)).splitlines()[0]
 
 
