@@ -131,7 +131,7 @@ class HiresSpec(BaseModel):
 
     def run_steps(self, steps: int) -> int:
         """Steps the second pass runs for a request of ``steps``."""
-        return max(1, int((self.steps or steps) * self.denoising_strength))
+        return int((self.steps or steps) * self.denoising_strength)
 
 
 class _Request(BaseModel):
@@ -239,6 +239,10 @@ class GenerateRequest(_Styled):
                                  f"of {limit} pixels")
             if self.refine != RefineMode.none:
                 raise ValueError("hires: a hires pass and the refiner do not combine; use one of them")
+            hr_steps = self.hires.steps or self.steps
+            if int(hr_steps * self.hires.denoising_strength) < 1:
+                raise ValueError(f"hires: its steps x denoising_strength = {hr_steps} x "
+                                 f"{self.hires.denoising_strength} runs no denoising step; raise either")
         if self.subseed_strength > 0 and self.num_images and self.subseed is not None \
                 and self.subseed + self.num_images - 1 > MAX_SEED:
             raise ValueError(f"subseed: {self.subseed} + {self.num_images - 1} images is above {MAX_SEED}")

@@ -180,7 +180,7 @@ def sampler(name: Optional[str], schedule: Optional[str] = None, *, field: str =
         return Sampler(sampler_table.find(name, schedule).name)
     except sampler_table.UnknownSampler as exc:
         wrong = field if exc.field == "sampler_name" else field.replace("sampler_name", "scheduler")
-        raise InvalidRequest(str(exc), field=wrong) from None
+        raise InvalidRequest(f"{wrong}: {exc}", field=wrong) from None
 
 
 # -- <lora:name:weight> ---------------------------------------------------------------------------

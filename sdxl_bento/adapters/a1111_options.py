@@ -143,7 +143,7 @@ def validate(changes: dict[str, Any], *, where: str = "", resolve: Callable[[str
         option = OPTIONS.get(name)
         if option is None:
             error = unknown(name)
-            error.message = f"{where}{error.message}"
+            error.message = f"{where}{name}: {error.message}"
             error.details["field"] = f"{where}{name}"
             raise error
         label = f"{where}{name}"

@@ -180,6 +180,8 @@ class Engine:
                                      field="hires")
             if key.hires.upscaler not in features.LATENT_MODES and key.hires.upscaler not in features.PIXEL_MODES:
                 raise InvalidRequest(f"hires: unknown upscaler {key.hires.upscaler!r}", field="hires")
+            if int(key.hires.steps * key.hires.strength) < 1:
+                raise InvalidRequest("hires: its steps x denoising strength runs no denoising step", field="hires")
         if key.eta is not None and not key.scheduler.startswith("ddim"):
             raise InvalidRequest("eta: applies to the DDIM sampler only", field="eta")
         if key.mask_padding is not None and key.kind != "inpaint":

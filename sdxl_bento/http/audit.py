@@ -58,7 +58,10 @@ PARAMETERS = frozenset({
     "n", "size", "response_format", "style", "user", "output_compression", "stream", "api", "requested_model",
     # AUTOMATIC1111's (a1111.py)
     "sampler", "sampler_name", "sampler_index", "batch_size", "n_iter", "cfg_scale", "refiner_checkpoint",
-    "refiner_switch_at", "send_images", "denoising_strength"})
+    "refiner_switch_at", "send_images", "denoising_strength",
+    # issue 16: the A1111 features as native fields (``hires`` is left out: it holds prompts), the newer OpenAI ones
+    "tiling", "clip_skip", "eta", "subseed", "subseed_strength", "styles", "resize_mode", "mask_blur", "mask_invert",
+    "inpaint_fill", "mask_padding", "background", "moderation", "safety_identifier"})
 """Generation parameters worth keeping: settings, never content (prompts, uploads, scripts)."""
 
 ITEM_FIELDS = frozenset({"prompt", "negative_prompt", "parameters", "outcome", "reason", "seeds", "image_ids",
