@@ -347,3 +347,24 @@ def test_openai_newer_parameters_honoured_or_refused(openai_client):
     with pytest.raises(openai.BadRequestError) as info:
         openai_client.images.edit(image=[source, source], prompt="x")
     assert info.value.param == "image"
+
+
+def test_a_hires_pass_counts_against_the_tier(http):
+    """premium: 100 steps. 60 + the hires pass's 60 x 0.75 = 105, refused before anything runs, whichever API
+    asks and whatever type the numbers come in."""
+    r = http.post("/sdapi/v1/txt2img", json={"prompt": "x", "width": 256, "height": 256, "steps": 60,
+                                             "enable_hr": True, "denoising_strength": 0.75})
+    assert r.status_code == 403 and "hires pass" in r.json()["detail"], r.text
+    r = http.post("/generate", json={"prompt": "x", "width": 256, "height": 256, "steps": "60",
+                                     "hires": {"steps": 60.0, "denoising_strength": "0.75"}})
+    assert r.status_code == 403 and r.json()["error"]["limit"] == "max_steps", r.text
+    r = http.post("/generate", json={"prompt": "x", "width": 256, "height": 256, "steps": 2, "seed": 3,
+                                     "hires": {"scale": 1.5, "steps": 4, "denoising_strength": 0.5},
+                                     "tiling": True, "subseed": 4, "subseed_strength": 0.2, "styles": ["sunny"]})
+    assert r.status_code == 200, r.text
+    (image,) = r.json()["images"]
+    assert (image["width"], image["height"]) == (384, 384)
+    text = read_parameters(http.get(image["url"]).content)
+    assert text.startswith("x, bright, sunny\n")
+    for part in ("Hires upscale: 1.5", "Hires steps: 4", "Tiling: True", "Variation seed: 4", "Styles: sunny"):
+        assert part in text, text
