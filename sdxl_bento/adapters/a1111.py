@@ -8,9 +8,9 @@ models, samplers, schedulers, styles, LoRAs, upscalers, memory, ...); every answ
 paths included, is JSON in A1111's shape.
 
 Every A1111 field that changes the image does what A1111 does, or is refused (400, naming the field) when it
-asks for something this service cannot do: face restoration, scripts, upscalers that need weights, ...
-(``FIELDS`` in the README). Fields that change nothing in the image (``save_images``, ``comments``, ...) are
-accepted. Unknown fields are ignored, as A1111 ignores them.
+asks for something this service cannot do: face restoration, scripts, upscalers that need weights, ... (the
+README's "AUTOMATIC1111 API" lists them). Fields that change nothing in the image (``save_images``,
+``comments``, ...) are accepted. Unknown fields are ignored, as A1111 ignores them.
 
 Defaults are A1111's (seed -1 = random, steps 50, cfg_scale 7, sampler Euler, batch_size 1, n_iter 1,
 denoising_strength 0.75) except width and height, 1024 for txt2img (SDXL's size; A1111's 512 gives poor SDXL
@@ -37,7 +37,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .. import samplers as sampler_table
-from ..errors import InvalidRequest, NotFound, ServiceError, answers_in
+from ..errors import InvalidRequest, ServiceError, answers_in
 from ..samplers import SAMPLERS, SCHEDULES, Sampler
 from ..samplers import label as sampler_label
 from ..schemas import MAX_SEED, GenerateRequest, Img2ImgRequest, InpaintRequest
