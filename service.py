@@ -41,8 +41,15 @@ ROUTES = routes.table(
                  "/v1/images/generations", lambda body: openai_api.parse_body(body, REQUESTS.generate),
                  openai_api.error_response),
              "/sdapi/v1/txt2img": routes.Route(
-                 "/sdapi/v1/txt2img", lambda body: a1111.parse_body(body, REQUESTS.generate), a1111.from_error)},
-    mounted={"/sdapi/v1": a1111.from_error, "/models": native_error, "/images": native_error},
+                 "/sdapi/v1/txt2img", lambda body: a1111.parse_body(body, REQUESTS.generate), a1111.from_error),
+             "/sdapi/v1/img2img": routes.Route(
+                 "/sdapi/v1/img2img", lambda body: a1111.parse_img2img_body(body, REQUESTS.img2img, REQUESTS.inpaint),
+                 a1111.from_error),
+             "/v1/images/edits": routes.Route(
+                 "/v1/images/edits", lambda body: openai_api.parse_edit_body(body, REQUESTS.img2img, REQUESTS.inpaint),
+                 openai_api.error_response, form=True)},
+    mounted={"/sdapi/v1": a1111.from_error, "/v1": openai_api.error_response, "/models": native_error,
+             "/images": native_error},
     uploads=(routes.upload("/verify", settings.max_upload_bytes),))
 front = Front.build(settings, ROUTES)
 upstream.apply(ROUTES.template)  # BentoML's request timers and metric labels
@@ -58,7 +65,8 @@ IMAGE = bentoml.images.Image(python_version="3.11", lock_python_packages=False).
 
 @bentoml.asgi_app(apps.images_app(), path="/images")
 @bentoml.asgi_app(apps.playground(), path="/ui")
-@bentoml.asgi_app(a1111.a1111_app(modelstore.list_models), path="/sdapi/v1")
+@bentoml.asgi_app(a1111.a1111_app(modelstore.list_models, loras=list_loras), path="/sdapi/v1")
+@bentoml.asgi_app(openai_api.openai_app(), path="/v1")
 @bentoml.asgi_app(apps.models_app(list_loras), path="/models")
 @bentoml.service(
     image=IMAGE,
@@ -161,7 +169,8 @@ class SDXL:
     async def openai_images(self, ctx: bentoml.Context, **fields: Any) -> dict[str, Any]:
         """OpenAI Images API (any OpenAI client with ``base_url=<server>/v1``); errors in OpenAI's shape."""
         oreq = openai_api.OpenAIImageRequest.model_validate(given(fields))
-        req, rctx = openai_api.to_generate_request(oreq, REQUESTS.generate), front.request_context(ctx)
+        req = openai_api.to_generate_request(oreq, REQUESTS.generate, resolve=self.generation.resolve_model)
+        rctx = front.request_context(ctx)
         try:
             outcome = await self.generation.run(req, rctx)
         finally:
@@ -169,17 +178,19 @@ class SDXL:
         base = str(ctx.request.base_url)
         return openai_api.to_openai_response(
             outcome.images, oreq.prompt, int(time.time()), oreq.response_format,
-            url_for=lambda image_id: openai_api.absolute_url(base, self.generation.url(image_id, rctx.principal)))
+            url_for=lambda image_id: openai_api.absolute_url(base, self.generation.url(image_id, rctx.principal)),
+            req=oreq)
 
     @bentoml.api(input_spec=a1111.A1111Wire, route="/sdapi/v1/txt2img")
     @a1111.answers_a1111_errors
     async def sdapi_txt2img(self, ctx: bentoml.Context, **fields: Any) -> dict[str, Any]:
         """AUTOMATIC1111 ``/sdapi/v1/txt2img``: its fields and defaults, its answer; errors in its shape."""
-        areq = a1111.A1111Txt2ImgRequest.model_validate(given(fields))
-        req, rctx = a1111.to_generate_request(areq, REQUESTS.generate), front.request_context(ctx)
+        areq, rctx = a1111.A1111Txt2ImgRequest.model_validate(given(fields)), front.request_context(ctx)
+        req = a1111.to_generate_request(areq, REQUESTS.generate, options=front.a1111_settings(rctx.principal),
+                                        resolve=self.generation.resolve_model)
         rctx.on_submit = front.a1111_owners.recorder(rctx.principal.name)
         outcome = await self.generation.run(req, rctx)
-        return a1111.to_a1111_response(areq, req, outcome.images, self.generation.models.base_tag)
+        return a1111.to_a1111_response(areq, req, outcome.images, outcome.model or self.generation.models.base_tag)
 
     @bentoml.task(input_spec=REQUESTS.generate, route="/jobs")
     @answers_in()
@@ -206,6 +217,37 @@ class SDXL:
         ingredients), this service's invisible watermark, its parameters text. The file as the body (image/png,
         image/jpeg, image/webp), as multipart field ``image``, or as JSON ``{"image": "<base64>"}``."""
         return await front.verify(ctx)
+
+    @bentoml.api(input_spec=a1111.A1111Img2ImgWire, route="/sdapi/v1/img2img")
+    @a1111.answers_a1111_errors
+    async def sdapi_img2img(self, ctx: bentoml.Context, **fields: Any) -> dict[str, Any]:
+        """AUTOMATIC1111 ``/sdapi/v1/img2img`` (with ``mask``: inpainting); errors in its shape."""
+        areq, rctx = a1111.A1111Img2ImgRequest.model_validate(given(fields)), front.request_context(ctx)
+        req = a1111.to_image_request(areq, REQUESTS.img2img, REQUESTS.inpaint,
+                                     options=front.a1111_settings(rctx.principal), resolve=self.generation.resolve_model)
+        rctx.on_submit = front.a1111_owners.recorder(rctx.principal.name)
+        outcome = await self.generation.run(req, rctx)
+        return a1111.to_a1111_response(areq, req, outcome.images, outcome.model or self.generation.models.base_tag)
+
+    @bentoml.api(input_spec=openai_api.OpenAIEditWire, route="/v1/images/edits")
+    @openai_api.answers_openai_errors
+    async def openai_edits(self, ctx: bentoml.Context, **fields: Any) -> dict[str, Any]:
+        """OpenAI ``images.edit`` (multipart: image, optional mask whose transparent pixels are edited), onto
+        /img2img or /inpaint; errors in OpenAI's shape."""
+        oreq = openai_api.OpenAIEditRequest.model_validate(given(fields))
+        req = openai_api.to_image_request(oreq, REQUESTS.img2img, REQUESTS.inpaint,
+                                          resolve=self.generation.resolve_model,
+                                          max_upload_bytes=settings.max_upload_bytes)
+        rctx = front.request_context(ctx)
+        try:
+            outcome = await self.generation.run(req, rctx)
+        finally:
+            openai_api.record(rctx.audit, oreq)
+        base = str(ctx.request.base_url)
+        return openai_api.to_openai_response(
+            outcome.images, oreq.prompt, int(time.time()), oreq.response_format,
+            url_for=lambda image_id: openai_api.absolute_url(base, self.generation.url(image_id, rctx.principal)),
+            req=oreq)
 
 
 for middleware, options in front.middlewares():

@@ -19,6 +19,30 @@ APPROXIMATIONS: tuple[str, ...] = ("none", "deepcache")
 
 
 @dataclass(frozen=True)
+class Hires:
+    """A second pass over a txt2img image at a larger size (AUTOMATIC1111's hires fix): the first pass's latents
+    (or its decoded image) upscaled to ``upscale_width`` x ``upscale_height``, centre-cropped to ``width`` x
+    ``height``, then denoised again by ``strength`` over ``steps``."""
+
+    upscale_width: int
+    upscale_height: int
+    width: int
+    height: int
+    steps: int
+    strength: float
+    upscaler: str
+    """A latent mode (``latent``, ``latent-bicubic``, ...: the latents are interpolated) or a pixel one
+    (``lanczos``, ``nearest``: the image is decoded, resized, encoded again)."""
+    scheduler: str
+    """The second pass's sampler (``samplers.SAMPLERS``)."""
+    has_negative: bool = False
+    """The second pass's negative prompts are encoded (else zeros), as ``BatchKey.has_negative``."""
+
+    def run_steps(self) -> int:
+        return max(1, int(self.steps * self.strength))
+
+
+@dataclass(frozen=True)
 class BatchKey:
     """What must be equal for works to share one pipeline call."""
 
@@ -42,6 +66,17 @@ class BatchKey:
     """(LoRA name in the model store, weight) pairs, active for the whole batch; empty: none."""
     approximation: Approximation = "none"
     """``deepcache``: reuse the UNet's deep features between steps (faster, changes the image; opt-in)."""
+    hires: Optional[Hires] = None
+    """txt2img: a hires-fix second pass."""
+    tiling: bool = False
+    """Circular padding in every convolution of the UNet and the VAE: the image tiles seamlessly."""
+    clip_skip: int = 1
+    """AUTOMATIC1111's "Clip skip": 1 is SDXL's usual layer (the penultimate), each step more skips one layer more."""
+    eta: Optional[float] = None
+    """DDIM's eta (None: the sampler's default)."""
+    mask_padding: Optional[int] = None
+    """inpaint: None repaints over the whole image; a number inpaints only the masked area plus this margin, at
+    the full size, and pastes it back (AUTOMATIC1111's "only masked")."""
 
     @property
     def uses_refiner(self) -> bool:
@@ -52,7 +87,21 @@ class BatchKey:
             return max(1, int(self.steps * self.strength))
         if self.refine == "img2img":
             return self.steps + max(1, int(self.steps * self.strength))
+        if self.hires is not None:
+            return self.steps + self.hires.run_steps()
         return self.steps
+
+    def units(self) -> int:
+        """Work per image, as steps x pixels (a hires pass counts its own size)."""
+        if self.hires is None:
+            return self.total_steps() * self.width * self.height
+        return self.steps * self.width * self.height + self.hires.run_steps() * self.hires.width * self.hires.height
+
+    def peak_size(self) -> tuple[int, int]:
+        """The largest latent size the batch works at (what GPU memory is reserved for)."""
+        if self.hires is None:
+            return self.width, self.height
+        return max(self.width, self.hires.upscale_width), max(self.height, self.hires.upscale_height)
 
 
 @dataclass
@@ -67,6 +116,13 @@ class Work:
     """For ``refine``, ``img2img`` and ``inpaint``: one PIL image per seed."""
     mask_images: Optional[list[Any]] = None
     """For ``inpaint``: one PIL mask per seed; white is repainted, black kept."""
+    subseeds: Optional[list[int]] = None
+    """Variation seeds, one per image: each image's starting noise is its seed's, moved towards its subseed's by
+    ``subseed_strength`` (spherical interpolation, as AUTOMATIC1111 mixes them)."""
+    subseed_strength: float = 0.0
+    hires_prompt: Optional[str] = None
+    """The hires pass's prompt (None: ``prompt``)."""
+    hires_negative_prompt: Optional[str] = None
 
     @property
     def num_images(self) -> int:

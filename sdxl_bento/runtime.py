@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from .adapters.a1111 import JobOwners
+from .adapters.a1111_options import OptionsStore
 from .core.generation import UPLOAD_MAX_PIXELS, Generation, ModelInfo, RequestContext
 from .core.images import ImageStore
-from .core.policy import OPEN_PRINCIPAL, Principal
+from .core.policy import OPEN_PRINCIPAL, Principal, owner_of
 from .core.provenance import Credentials, ManifestReader, Provenance
+from .core.styles import StyleBook
 from .core.verify import VerifyReport, inspect
 from .errors import ModelMissing, Unauthorized
 from .http.audit import AuditLog
@@ -70,6 +72,10 @@ class Front:
     """The operator's C2PA signing certificate and key (``SDXL_BENTO_C2PA_CERT``/``_KEY``); None: no signing."""
     verifier: ManifestReader = field(default_factory=ManifestReader)
     """Reads manifests for ``/verify``, under the operator's trust anchors, recognising this service's own."""
+    styles: StyleBook = field(default_factory=lambda: StyleBook(None))
+    """The operator's prompt styles (``SDXL_BENTO_STYLES_FILE``)."""
+    a1111_options: OptionsStore | None = None
+    """Each key's AUTOMATIC1111 settings (``/sdapi/v1/options``), in the state folder."""
 
     @classmethod
     def build(cls, settings: Settings, routes: RouteTable) -> Front:
@@ -83,7 +89,13 @@ class Front:
                    signer=Signer.load(secret, settings.state_dir), images=ImageStore(settings.image_dir),
                    journal=journal, tasks=TaskRegistry(journal), drain=Drain(settings.shutdown_grace_s),
                    credentials=credentials,
-                   verifier=ManifestReader(trust_anchors=anchors, own=credentials.identity if credentials else None))
+                   verifier=ManifestReader(trust_anchors=anchors, own=credentials.identity if credentials else None),
+                   styles=StyleBook(settings.styles_file),
+                   a1111_options=OptionsStore(settings.state_dir / "a1111-options.json"))
+
+    def a1111_settings(self, principal: Principal) -> dict[str, Any]:
+        """The caller's AUTOMATIC1111 options (``POST /sdapi/v1/options``): its key's, or everyone's without keys."""
+        return self.a1111_options.get(owner_of(principal)) if self.a1111_options is not None else {}
 
     def middlewares(self) -> list[tuple[type, dict[str, Any]]]:
         """In order, the outermost first: the gateway sees every request before the task routes do."""
@@ -157,6 +169,8 @@ class Runtime:
     throttle: Any
     retention: RetentionSweeper
     refiner_tag: str | None
+    checkpoint_tags: tuple[str, ...] = ()
+    """The checkpoints the operator configured (the base and ``SDXL_BENTO_CHECKPOINTS``), as given."""
 
     def ready(self, front: Front) -> bool:
         """``/readyz``: not while shutting down, nor while a hot GPU has paused admission."""
@@ -167,6 +181,18 @@ class Runtime:
     def stop(self) -> None:
         self.retention.stop()
         self.scheduler.stop()
+
+    def refresh_checkpoints(self) -> list[str]:
+        """Look the configured checkpoints up in the model store again (AUTOMATIC1111's refresh-checkpoints): a
+        version imported since the start becomes what its name runs. Returns the tags newly registered."""
+        known = {row["tag"] for row in self.engine.manager.available()}
+        added = []
+        for tag in self.checkpoint_tags:
+            stored = modelstore.find(tag)
+            if stored is not None and stored.metadata.get("role") == "base" and stored.tag not in known:
+                self.engine.add_checkpoint(stored)
+                added.append(stored.tag)
+        return added
 
 
 def build_runtime(settings: Settings, front: Front, base: Any, refiner: Any, checker: Any) -> Runtime:
@@ -271,6 +297,7 @@ def build_runtime(settings: Settings, front: Front, base: Any, refiner: Any, che
         policy=PromptPolicy.load(s.policy_file) if s.policy_file else None,
         resolve_model=engine.manager.resolve, has_lora=lambda name: find_lora(name) is not None,
         max_upload_bytes=s.max_upload_bytes, sign_link=front.image_link if front.keys is not None else None,
-        provenance=provenance, weights_sha256=weights_sha256)
+        provenance=provenance, weights_sha256=weights_sha256, styles=front.styles)
     return Runtime(engine=engine, scheduler=scheduler, generation=generation, throttle=throttle,
-                   retention=retention, refiner_tag=refiner.tag if refiner else None)
+                   retention=retention, refiner_tag=refiner.tag if refiner else None,
+                   checkpoint_tags=(s.base_model, *tags(s.checkpoints)))

@@ -42,6 +42,36 @@ class OutputFormat(str, Enum):
     webp = "webp"
 
 
+class HiresUpscaler(str, Enum):
+    """How the hires pass enlarges the first pass: in latent space (interpolated latents), or in pixels (the
+    image decoded, resized with PIL, encoded again). Upscalers that need weights (ESRGAN, ...) are not offered."""
+
+    latent = "latent"
+    latent_antialiased = "latent-antialiased"
+    latent_bicubic = "latent-bicubic"
+    latent_bicubic_antialiased = "latent-bicubic-antialiased"
+    latent_nearest = "latent-nearest"
+    latent_nearest_exact = "latent-nearest-exact"
+    lanczos = "lanczos"
+    nearest = "nearest"
+
+
+class ResizeMode(str, Enum):
+    stretch = "stretch"
+    """The image is resized to width x height, whatever its aspect ratio (A1111's "Just resize")."""
+    crop = "crop"
+    """Resized to cover width x height, then centre-cropped (A1111's "Crop and resize")."""
+    fill = "fill"
+    """Resized to fit inside, the rest filled by stretching the image's edges (A1111's "Resize and fill")."""
+
+
+class InpaintFill(str, Enum):
+    original = "original"
+    """The masked area starts from the image as it is (A1111's "original")."""
+    fill = "fill"
+    """The masked area is first filled with the blurred colours around it (A1111's "fill")."""
+
+
 @dataclass(frozen=True)
 class Limits:
     max_prompt_chars: int = 500
@@ -54,6 +84,54 @@ class LoraSpec(BaseModel):
 
     name: Annotated[str, Field(min_length=1, max_length=200, description="LoRA name in the model store.")]
     weight: Annotated[float, Field(ge=-2, le=2, description="Adapter weight; 0 is the same as leaving it out.")] = 1.0
+
+
+class HiresSpec(BaseModel):
+    """Hires fix: after the first pass at ``width`` x ``height``, the image is enlarged and denoised again
+    (AUTOMATIC1111's ``enable_hr``). The target is ``width`` x ``height`` here when given (one alone keeps the
+    aspect ratio; both: the image is enlarged to cover them and centre-cropped), else ``scale`` times the first
+    pass; sizes are rounded down to multiples of 8. Its pixels and steps count against the limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scale: Annotated[float, Field(ge=1, le=4, description="Enlargement when width and height are not given.")] = 2.0
+    width: Annotated[Optional[int], Field(ge=256, le=4096, description="Target width.")] = None
+    height: Annotated[Optional[int], Field(ge=256, le=4096, description="Target height.")] = None
+    steps: Annotated[Optional[int], Field(ge=1, le=100, description="The second pass's steps (it runs steps x "
+                                                                    "denoising_strength); default: the request's.")] = None
+    denoising_strength: Annotated[float, Field(ge=0.01, le=1, description="How much the second pass redoes.")] = 0.7
+    upscaler: Annotated[HiresUpscaler, Field(description="latent modes interpolate the latents; lanczos and "
+                                                         "nearest resize the decoded image.")] = HiresUpscaler.latent
+    sampler: Annotated[Optional[Sampler], Field(description="The second pass's sampler; default: the request's.")] = None
+    prompt: Annotated[Optional[str], Field(max_length=10_000, description="The second pass's prompt; default: "
+                                                                          "the request's.")] = None
+    negative_prompt: Annotated[Optional[str], Field(max_length=10_000, description="The second pass's negative "
+                                                                                   "prompt; default: the request's.")] = None
+
+    def plan(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(upscale width, upscale height, final width, final height) for a first pass of ``width`` x ``height``,
+        all multiples of 8: the image is enlarged to the first two, then centre-cropped to the last two."""
+        if self.width is None and self.height is None:
+            up_w, up_h = int(width * self.scale), int(height * self.scale)
+            out_w, out_h = up_w, up_h
+        elif self.height is None:
+            out_w, out_h = self.width, self.width * height // width
+            up_w, up_h = out_w, out_h
+        elif self.width is None:
+            out_w, out_h = self.height * width // height, self.height
+            up_w, up_h = out_w, out_h
+        else:
+            out_w, out_h = self.width, self.height
+            if width / height < out_w / out_h:  # wider target: match widths, crop the height
+                up_w, up_h = out_w, out_w * height // width
+            else:
+                up_w, up_h = out_h * width // height, out_h
+        up_w, up_h = max(up_w, out_w), max(up_h, out_h)
+        return up_w // 8 * 8, up_h // 8 * 8, out_w // 8 * 8, out_h // 8 * 8
+
+    def run_steps(self, steps: int) -> int:
+        """Steps the second pass runs for a request of ``steps``."""
+        return int((self.steps or steps) * self.denoising_strength)
 
 
 class _Request(BaseModel):
@@ -115,6 +193,24 @@ class _Styled(_Request):
         """The adapter set, sorted so that equal sets share batches; weight-0 adapters change nothing."""
         return tuple(sorted((lora.name, lora.weight) for lora in self.loras if lora.weight != 0))
 
+    tiling: Annotated[bool, Field(description="A seamlessly tileable image: every convolution of the UNet and the "
+                                              "VAE pads circularly (A1111's tiling).")] = False
+    clip_skip: Annotated[int, Field(ge=1, le=12, description="A1111's Clip skip: 1 is SDXL's usual text-encoder "
+                                                             "layer (the penultimate); each step more stops one layer "
+                                                             "earlier, in both text encoders.")] = 1
+    eta: Annotated[Optional[float], Field(ge=0, le=1, description="DDIM's eta (noise added at each step); "
+                                                                  "DDIM only.")] = None
+    styles: Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]],
+                      Field(max_length=16, description="Styles from the operator's styles file (GET "
+                                                       "/sdapi/v1/prompt-styles), applied in order to the prompt "
+                                                       "and the negative prompt.")] = []
+
+    @model_validator(mode="after")
+    def _check_eta(self) -> "_Styled":
+        if self.eta is not None and not self.scheduler.value.startswith("ddim"):
+            raise ValueError(f"eta applies to the DDIM sampler only, not to {self.scheduler.value}")
+        return self
+
 
 class GenerateRequest(_Styled):
     """Text to image."""
@@ -134,7 +230,39 @@ class GenerateRequest(_Styled):
                 f"width x height is {self.width}x{self.height} = {self.width * self.height} pixels; "
                 f"the limit is {limit} pixels"
             )
+        if self.hires is not None:
+            up_w, up_h, out_w, out_h = self.hires.plan(self.width, self.height)
+            if min(out_w, out_h) < 256 or max(out_w, out_h) > 2048:
+                raise ValueError(f"hires: the hires size {out_w}x{out_h} is outside 256..2048 pixels a side")
+            if up_w * up_h > limit:
+                raise ValueError(f"hires: the hires size {up_w}x{up_h} = {up_w * up_h} pixels is above the limit "
+                                 f"of {limit} pixels")
+            if self.refine != RefineMode.none:
+                raise ValueError("hires: a hires pass and the refiner do not combine; use one of them")
+            hr_steps = self.hires.steps or self.steps
+            if int(hr_steps * self.hires.denoising_strength) < 1:
+                raise ValueError(f"hires: its steps x denoising_strength = {hr_steps} x "
+                                 f"{self.hires.denoising_strength} runs no denoising step; raise either")
+        if self.subseed_strength > 0 and self.num_images and self.subseed is not None \
+                and self.subseed + self.num_images - 1 > MAX_SEED:
+            raise ValueError(f"subseed: {self.subseed} + {self.num_images - 1} images is above {MAX_SEED}")
         return self
+
+    hires: Annotated[Optional[HiresSpec], Field(description="Hires fix: a second pass at a larger size.")] = None
+    subseed: Annotated[Optional[int], Field(ge=0, le=MAX_SEED, description="Variation seed of the first image "
+                                                                         "(image i: subseed+i); random when absent "
+                                                                         "and subseed_strength > 0.")] = None
+    subseed_strength: Annotated[float, Field(ge=0, le=1, description="How far each image's starting noise moves "
+                                                                     "towards its variation seed's (0: none, 1: "
+                                                                     "all the way).")] = 0.0
+
+    def subseeds(self, count: int) -> list[int] | None:
+        """One variation seed per image (subseed, subseed+1, ...; a random start when none was given), or None
+        without variation."""
+        if self.subseed_strength <= 0:
+            return None
+        start = self.subseed if self.subseed is not None else secrets.randbelow(MAX_SEED + 1)
+        return [(start + i) % (MAX_SEED + 1) for i in range(count)]
 
 
 class CallerStamp(BaseModel):
@@ -187,12 +315,26 @@ class Img2ImgRequest(_Styled):
                              f"the limit is {self.limits.max_pixels} pixels")
         return self
 
+    resize_mode: Annotated[ResizeMode, Field(description="How the image is brought to width x height: stretch, "
+                                                         "crop (cover, then centre-crop) or fill (fit inside, the "
+                                                         "edges stretched into the rest).")] = ResizeMode.stretch
+
 
 class InpaintRequest(Img2ImgRequest):
     """Inpainting: like img2img, with a mask whose white pixels are repainted."""
 
     mask: Annotated[str, Field(description="The mask, base64; white = repaint, black = keep.")]
     strength: Annotated[float, Field(ge=0.01, le=1, description="How much the masked area is redone.")] = 0.99
+    mask_blur: Annotated[int, Field(ge=0, le=64, description="Gaussian blur of the mask, in pixels (soft "
+                                                             "edges).")] = 0
+    mask_invert: Annotated[bool, Field(description="Repaint the black area instead of the white one.")] = False
+    inpaint_fill: Annotated[InpaintFill, Field(description="What the masked area starts from: the image as it is, "
+                                                           "or the blurred colours around it.")] = InpaintFill.original
+    mask_padding: Annotated[Optional[int], Field(ge=0, le=1024, description="Only the masked area (and this many "
+                                                                            "pixels around it) is inpainted, at "
+                                                                            "the full size, then pasted back "
+                                                                            "(A1111's inpaint_full_res); absent: "
+                                                                            "the whole image.")] = None
 
 
 @dataclass(frozen=True)

@@ -210,6 +210,9 @@ class Settings(BaseSettings):
 
     c2pa_trust_anchors: Optional[Path] = None
     """PEM root certificates that ``/verify`` and ``sdxl-bento verify`` trust besides the C2PA library's own."""
+    styles_file: Optional[Path] = None
+    """Prompt styles (AUTOMATIC1111's styles.csv, or YAML/JSON: name, prompt, negative_prompt), re-read when it
+    changes; requests name them in ``styles``. None: no styles."""
 
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":

@@ -4,13 +4,22 @@ Any OpenAI client works against ``base_url=<server>/v1`` with the service's API 
 ``OpenAI(base_url="http://host:3000/v1", api_key=KEY).images.generate(prompt=..., size="1024x1024")``.
 
 Mapping: ``size`` "WxH" -> width, height (any size ``GenerateRequest`` accepts; "auto" -> 1024x1024);
-``n`` -> num_images; ``quality`` -> steps (``QUALITY_STEPS``); ``output_format`` and
-``output_compression`` -> output_format, quality; ``model``, ``style``, ``user`` are accepted and
-not used for generation (``model`` is any string; ``user`` is recorded in the audit line).
-Extensions, not OpenAI's (send them with the client's ``extra_body``): ``negative_prompt``,
-``seed``, ``steps`` (wins over ``quality``), ``guidance_scale``. Other unknown fields, such as the
-newer ``background`` or ``moderation``, are ignored. Limits are those of ``GenerateRequest``;
-every error has OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+``n`` -> num_images; ``quality`` (low, medium, high, auto; standard, hd) -> steps (``QUALITY_STEPS``);
+``output_format`` (png, jpeg, webp) and ``output_compression`` -> output_format, quality; ``model``: a
+checkpoint of ``GET /v1/models`` runs that checkpoint, any other name (``dall-e-3``, ``gpt-image-1``) the
+default one; ``user`` and ``safety_identifier`` are recorded in the audit line. ``background`` (``auto``,
+``opaque``: SDXL's images are opaque) and ``moderation`` (``auto``: the operator's NSFW check) are honoured
+where they map; ``background: transparent``, ``moderation: low``, ``style`` (DALL-E 3's vivid/natural) and
+the parameters of other models (``partial_images``, ``input_fidelity: high``, ``complexity``, frames, SVG) are
+refused with a 400 naming the parameter. Extensions, not OpenAI's (send them with the client's ``extra_body``):
+``negative_prompt``, ``seed``, ``steps`` (wins over ``quality``), ``guidance_scale``, and for edits
+``strength``. Other unknown fields are ignored. Limits are those of the native requests; every error has
+OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+
+``POST /v1/images/edits`` (multipart, as OpenAI's clients send it; the gateway turns the form into JSON with
+the files in base64) maps onto ``/img2img``, or ``/inpaint`` with a mask: OpenAI's mask is a PNG whose fully
+transparent pixels are the area to edit (an image with transparent pixels and no mask: those pixels).
+``GET /v1/models`` lists the checkpoints.
 
 Mounting (service.py): an API method with ``input_spec=OpenAIImageWire`` and
 ``route="/v1/images/generations"``, decorated with ``@answers_openai_errors``; it validates
@@ -22,14 +31,16 @@ generation routes (API key, tier limits, rate limits, audit), which parse the bo
 from __future__ import annotations
 
 import base64
+import io
 import re
+import time
 from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 from starlette.responses import JSONResponse
 
 from ..errors import InvalidRequest, ServiceError, answers_in
-from ..schemas import GenerateRequest
+from ..schemas import GenerateRequest, Img2ImgRequest, InpaintRequest
 from .common import ForeignRequest, first_error, kept_images, wire_model
 
 if TYPE_CHECKING:
@@ -60,11 +71,21 @@ class OpenAIImageRequest(ForeignRequest):
                                                                            "store) or b64_json.")
     quality: Literal["standard", "hd", "low", "medium", "high", "auto"] = Field(
         "auto", description="Denoising steps: low 20, standard/medium/auto 30, hd/high 50.")
-    style: Optional[str] = Field(None, description="Accepted and ignored.")
+    style: Optional[str] = Field(None, description="DALL-E 3's vivid/natural: not supported (absent).")
     user: Optional[str] = Field(None, max_length=256, description="Your end user's id; recorded in the audit log.")
+    safety_identifier: Optional[str] = Field(None, max_length=256, description="Recorded in the audit log.")
     output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Image file format.")
     output_compression: Optional[int] = Field(None, ge=0, le=100, description="JPEG/WebP quality, 0..100.")
+    background: Literal["auto", "opaque"] = Field("auto", description="auto or opaque (SDXL's images are "
+                                                                     "opaque); transparent is not supported.")
+    moderation: Literal["auto"] = Field("auto", description="auto: the operator's NSFW check applies (low is not "
+                                                            "supported).")
     stream: Optional[bool] = Field(None, description="Streaming is not supported: false or absent.")
+    partial_images: Optional[int] = Field(None, description="Streaming only: not supported (absent or 0).")
+    complexity: Optional[str] = Field(None, description="Not supported (absent).")
+    frame_count: Optional[int] = Field(None, description="Not supported (absent).")
+    frame_duration_ms: Optional[int] = Field(None, description="Not supported (absent).")
+    svg: Optional[Any] = Field(None, description="Not supported (absent).")
     negative_prompt: str = Field("", description="Extension: what to avoid.")
     seed: Optional[int] = Field(None, description="Extension: seed of the first image (image i: seed+i).")
     steps: Optional[int] = Field(None, description="Extension: denoising steps, instead of quality.")
@@ -77,6 +98,35 @@ class OpenAIImageRequest(ForeignRequest):
             return "1024x1024"
         if not _SIZE.match(value):
             raise ValueError(f"size must be WIDTHxHEIGHT, for example {', '.join(SDXL_SIZES[:3])}")
+        return value
+
+    @field_validator("background", mode="before")
+    @classmethod
+    def _background(cls, value: Any) -> Any:
+        if value == "transparent":
+            raise ValueError("transparent backgrounds are not supported (SDXL's images are opaque); use auto or "
+                             "opaque")
+        return value
+
+    @field_validator("moderation", mode="before")
+    @classmethod
+    def _moderation(cls, value: Any) -> Any:
+        if value == "low":
+            raise ValueError("low is not supported: the NSFW check is the operator's (auto)")
+        return value
+
+    @field_validator("style", "complexity", "svg")
+    @classmethod
+    def _absent(cls, value: Any) -> Any:
+        if value is not None:
+            raise ValueError("not supported by this service; leave it out")
+        return value
+
+    @field_validator("partial_images", "frame_count", "frame_duration_ms")
+    @classmethod
+    def _absent_or_zero(cls, value: Any) -> Any:
+        if value:
+            raise ValueError("not supported by this service; leave it out")
         return value
 
     @field_validator("stream")
@@ -97,24 +147,125 @@ OpenAIImageWire = wire_model(OpenAIImageRequest, "OpenAIImageGenerationRequest")
 """BentoML ``input_spec`` for the route: the same fields, unchecked, so that errors get OpenAI's shape."""
 
 
+class OpenAIEditRequest(OpenAIImageRequest):
+    """OpenAI ``POST /v1/images/edits`` (the form's files in base64, as the gateway passes them on)."""
+
+    image: Any = Field(description="The image to edit, base64 (PNG, JPEG, WebP); one image.")
+    mask: Optional[str] = Field(None, description="PNG whose fully transparent pixels are the area to edit.")
+    size: str = Field("auto", description="WIDTHxHEIGHT of the result; auto: the image's own size.")
+    input_fidelity: Optional[Literal["low"]] = Field(None, description="low (the default); high is not "
+                                                                       "supported.")
+    strength: Optional[float] = Field(None, description="Extension: how much is redone (img2img 0.6, masked "
+                                                        "0.99).")
+
+    @field_validator("size")
+    @classmethod
+    def _size_format(cls, value: str) -> str:
+        if value.strip().lower() == "auto":
+            return "auto"
+        if not _SIZE.match(value):
+            raise ValueError(f"size must be auto or WIDTHxHEIGHT, for example {', '.join(SDXL_SIZES[:3])}")
+        return value
+
+    @field_validator("input_fidelity", mode="before")
+    @classmethod
+    def _fidelity(cls, value: Any) -> Any:
+        if value == "high":
+            raise ValueError("high is not supported; low (the default) or leave it out")
+        return value
+
+
+OpenAIEditWire = wire_model(OpenAIEditRequest, "OpenAIImageEditRequest")
+
+
 def parse_body(body: Any, model: type[GenerateRequest] = GenerateRequest) -> list[GenerateRequest]:
     """A raw body as the native request it runs (the gateway's parser for this route)."""
     return [to_generate_request(OpenAIImageRequest.model_validate(body), model)]
 
 
-def to_generate_request(req: OpenAIImageRequest, model: type[GenerateRequest] = GenerateRequest) -> GenerateRequest:
-    """The native request; its limits apply. A value it refuses is an ``InvalidRequest`` naming the
-    OpenAI parameter (``field``) that carried it."""
-    width, height = req.dimensions
+def parse_edit_body(body: Any, img2img: type[Img2ImgRequest] = Img2ImgRequest,
+                    inpaint: type[InpaintRequest] = InpaintRequest) -> list[Img2ImgRequest]:
+    """An edit (the gateway's form, as JSON) as the native request it runs."""
+    return [to_image_request(OpenAIEditRequest.model_validate(body), img2img, inpaint)]
+
+
+def checkpoint(name: str | None, resolve: Callable[[str], str] | None) -> str | None:
+    """The checkpoint ``model`` names, when it names one (``GET /v1/models``); None for any other name."""
+    if not name or resolve is None:
+        return None
+    try:
+        return resolve(name)
+    except ServiceError:
+        return None
+
+
+def _fields(req: OpenAIImageRequest, resolve: Callable[[str], str] | None) -> dict[str, Any]:
     fields: dict[str, Any] = {
-        "prompt": req.prompt, "negative_prompt": req.negative_prompt, "width": width, "height": height,
-        "num_images": req.n, "steps": req.steps if req.steps is not None else QUALITY_STEPS[req.quality],
-        "seed": req.seed, "output_format": req.output_format,
+        "prompt": req.prompt, "negative_prompt": req.negative_prompt, "num_images": req.n,
+        "steps": req.steps if req.steps is not None else QUALITY_STEPS[req.quality], "seed": req.seed,
+        "output_format": req.output_format,
     }
     if req.guidance_scale is not None:
         fields["guidance_scale"] = req.guidance_scale
     if req.output_compression is not None:
         fields["quality"] = max(1, req.output_compression)
+    chosen = checkpoint(req.model, resolve)
+    if chosen is not None:
+        fields["model"] = chosen
+    return fields
+
+
+def to_generate_request(req: OpenAIImageRequest, model: type[GenerateRequest] = GenerateRequest, *,
+                        resolve: Callable[[str], str] | None = None) -> GenerateRequest:
+    """The native request; its limits apply. A value it refuses is an ``InvalidRequest`` naming the
+    OpenAI parameter (``field``) that carried it. ``resolve``: a checkpoint name -> its tag."""
+    width, height = req.dimensions
+    fields = {**_fields(req, resolve), "width": width, "height": height}
+    return _validated(model, fields, req)
+
+
+def to_image_request(req: OpenAIEditRequest, img2img: type[Img2ImgRequest] = Img2ImgRequest,
+                     inpaint: type[InpaintRequest] = InpaintRequest, *,
+                     resolve: Callable[[str], str] | None = None, max_upload_bytes: int = 12 * 2**20) -> Img2ImgRequest:
+    """An edit as native /img2img, or /inpaint when there is an area to edit: the mask's fully transparent
+    pixels, or (no mask) the image's own."""
+    from ..core.imageops import transparent_to_mask
+    from ..core.uploads import decode_base64_image
+
+    images = req.image if isinstance(req.image, list) else [req.image]
+    if len(images) != 1 or not isinstance(images[0], str) or not images[0]:
+        raise InvalidRequest(f"image: give one image (this service edits one at a time, not {len(images)})",
+                             field="image")
+    fields = _fields(req, resolve)
+    fields["image"] = images[0]
+    if req.size != "auto":
+        fields["width"], fields["height"] = req.dimensions
+    if req.strength is not None:
+        fields["strength"] = req.strength
+    limit = 4096 * 4096
+    source = decode_base64_image(images[0], max_pixels=limit, max_bytes=max_upload_bytes, field="image")
+    if req.mask is not None:
+        mask_image = decode_base64_image(req.mask, max_pixels=limit, max_bytes=max_upload_bytes, field="mask")
+        if mask_image.size != source.size:
+            raise InvalidRequest(f"mask: the mask is {mask_image.width}x{mask_image.height}, the image "
+                                 f"{source.width}x{source.height}; they must be the same size", field="mask")
+        mask = transparent_to_mask(mask_image)
+        if mask is None:
+            raise InvalidRequest("mask: the mask needs an alpha channel: its fully transparent pixels are the area "
+                                 "to edit (a PNG with transparency)", field="mask")
+    else:
+        mask = transparent_to_mask(source)
+        if mask is not None and mask.getextrema()[1] == 0:
+            mask = None  # an alpha channel with nothing transparent: edit the whole image
+    if mask is None:
+        return _validated(img2img, fields, req)
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    fields["mask"] = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return _validated(inpaint, fields, req)
+
+
+def _validated(model: type[Any], fields: dict[str, Any], req: OpenAIImageRequest) -> Any:
     try:
         return model.model_validate(fields)
     except ValidationError as exc:
@@ -131,7 +282,8 @@ def to_generate_request(req: OpenAIImageRequest, model: type[GenerateRequest] = 
 
 
 def to_openai_response(images: list[CachedImage], revised_prompt: str, created: int,
-                       response_format: str, url_for: Callable[[str], str]) -> dict[str, Any]:
+                       response_format: str, url_for: Callable[[str], str],
+                       req: OpenAIImageRequest | None = None) -> dict[str, Any]:
     """``{"created", "data": [{"b64_json" | "url", "revised_prompt"}]}``; ``url_for(image_id)`` gives
     each image's link (absolute, as OpenAI's are: see ``absolute_url``). Images the safety check withheld
     are left out (OpenAI's answer has no per-image flag); all withheld: ``ContentFiltered`` (400,
@@ -140,7 +292,11 @@ def to_openai_response(images: list[CachedImage], revised_prompt: str, created: 
     key = "b64_json" if response_format == "b64_json" else "url"
     data = [{key: base64.b64encode(image.data).decode("ascii") if key == "b64_json" else url_for(image.id),
              "revised_prompt": revised_prompt} for image in kept]
-    return {"created": created, "data": data}
+    answer: dict[str, Any] = {"created": created, "data": data}
+    if req is not None and kept:  # what the newer Images API reports beside the data
+        answer.update(background="opaque", output_format=req.output_format, quality=req.quality,
+                      size=f"{kept[0].width}x{kept[0].height}")
+    return answer
 
 
 def absolute_url(base_url: str, url: str) -> str:
@@ -153,7 +309,8 @@ def record(audit: dict[str, Any], req: OpenAIImageRequest) -> None:
     """Note the OpenAI-only fields in the audit line's parameters (call after ``Generation.run``,
     which sets the parameters)."""
     audit.setdefault("parameters", {}).update(
-        api="openai", user=req.user, requested_model=req.model, size=req.size, quality=req.quality)
+        api="openai", user=req.user, safety_identifier=req.safety_identifier, requested_model=req.model,
+        size=req.size, quality=req.quality)
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -215,3 +372,46 @@ def _field_in(message: str) -> str:
 def _message(message: str) -> str:
     return message.removeprefix("Value error, ")
 
+
+
+# -- GET /v1/models ------------------------------------------------------------------------------
+def models_view(checkpoints: list[dict[str, Any]], created: int) -> dict[str, Any]:
+    """OpenAI's model list from the checkpoints a request can run (``model`` takes any of these ids)."""
+    return {"object": "list", "data": [{"id": row["tag"], "object": "model", "created": created,
+                                        "owned_by": "sdxl-bento"} for row in checkpoints]}
+
+
+def openai_app(service: Callable[[], Any] | None = None) -> Any:
+    """``/v1``'s GET routes (``/v1/models``, ``/v1/models/{id}``), and OpenAI's JSON 404 for other paths under
+    ``/v1`` (the generation and edit routes are API methods of the service)."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.routing import Route
+
+    if service is None:
+        from bentoml import get_current_service as service
+
+    started = int(time.time())
+
+    def checkpoints() -> list[dict[str, Any]]:
+        runtime = getattr(service(), "runtime", None)
+        return runtime.engine.manager.available() if runtime is not None else []
+
+    async def list_models(request: Request) -> JSONResponse:
+        return JSONResponse(models_view(checkpoints(), started))
+
+    async def one_model(request: Request) -> JSONResponse:
+        wanted = request.path_params["model"]
+        for row in models_view(checkpoints(), started)["data"]:
+            if wanted in (row["id"], row["id"].split(":")[0]):
+                return JSONResponse(row)
+        return openai_error(404, f"The model '{wanted}' does not exist", code="model_not_found", param="model")
+
+    async def not_found(request: Request) -> JSONResponse:
+        return openai_error(404, f"Invalid URL ({request.method} {request.url.path})")
+
+    return Starlette(routes=[
+        Route("/models", list_models, methods=["GET"]),
+        Route("/models/{model:path}", one_model, methods=["GET"]),
+        Route("/{path:path}", not_found, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]),
+    ])

@@ -31,7 +31,7 @@ from ..errors import (
     Unavailable,
 )
 from ..gpu.scheduler import Job, Scheduler
-from ..jobs import BatchKey, Work
+from ..jobs import BatchKey, Hires, Work
 from ..schemas import (
     BatchItem,
     ErrorInfo,
@@ -44,12 +44,14 @@ from ..schemas import (
     RefineRequest,
     Timings,
 )
+from . import imageops
 from .cache import CachedImage, Coalescer, ResultCache, cache_key
 from .images import MEDIA_TYPES, ImageStore, encode, infotext
 from .policy import OPEN_PRINCIPAL, Admission, Principal, check_size, max_pixels, may_use, owner_of, police
 from .prompts import PromptPolicy
 from .provenance import Claim, Model, Provenance, Source
 from .safety import ImageGuard
+from .styles import StyleBook
 from .uploads import base64_bytes, decode_base64_image
 from .watermark import Watermarker
 
@@ -98,7 +100,7 @@ class Generation:
                  watermarker: Watermarker | None = None, resolve_model: Callable[[str], str] | None = None,
                  has_lora: Callable[[str], bool] | None = None, max_upload_bytes: int = 12 * 2**20,
                  sign_link: Callable[[str], str] | None = None, provenance: Provenance | None = None,
-                 weights_sha256: Callable[[str], str | None] | None = None) -> None:
+                 weights_sha256: Callable[[str], str | None] | None = None, styles: StyleBook | None = None) -> None:
         self.scheduler = scheduler
         self.images = images
         self.models = models
@@ -122,6 +124,8 @@ class Generation:
         """With the operator's C2PA credentials: signs every image (``provenance.py``); None: no manifests."""
         self.weights_sha256 = weights_sha256 or (lambda tag: None)
         """A model or LoRA tag -> its weights' sha256, for the manifests."""
+        self.styles = styles or StyleBook(None)
+        """The operator's prompt styles (``styles: [...]`` in requests)."""
 
     # -- requests to works -------------------------------------------------------------------
     def _style(self, req: GenerateRequest | Img2ImgRequest) -> dict[str, Any]:
@@ -131,6 +135,15 @@ class Generation:
                 raise InvalidRequest(f"loras: no LoRA named {name!r} in the model store "
                                      f"(sdxl-bento models import-lora SOURCE --tag {name})", field="loras")
         return {"model": self.resolve_model(req.model or ""), "loras": req.lora_key()}
+
+    def styled(self, req: Request) -> Request:
+        """The request with its styles applied to its prompts (the styles stay named, for the parameters); an
+        unknown style is a 400 before any queueing."""
+        names = getattr(req, "styles", None)
+        if not names:
+            return req
+        prompt, negative = self.styles.apply(list(names), req.prompt, req.negative_prompt)
+        return req.model_copy(update={"prompt": prompt, "negative_prompt": negative})
 
     def load(self, image_id: str, principal: Principal) -> Any:
         """A stored image the caller may use; another key's answers as an unknown id would."""
@@ -163,15 +176,23 @@ class Generation:
             image = self._source_image(req, principal)
             width, height = self._size(req, image, principal)
             kind = "inpaint" if isinstance(req, InpaintRequest) else "img2img"
+            inpaint = isinstance(req, InpaintRequest)
             key = BatchKey(kind=kind, width=width, height=height, steps=req.steps, guidance_scale=req.guidance_scale,
                            scheduler=req.scheduler.value, strength=req.strength,
                            has_negative=bool(req.negative_prompt), approximation=req.approximation.value,
-                           **self._style(req))
+                           tiling=req.tiling, clip_skip=req.clip_skip, eta=req.eta,
+                           mask_padding=req.mask_padding if inpaint else None, **self._style(req))
             seeds = req.seeds(req.num_images)
+            if req.resize_mode.value != "stretch":
+                image = imageops.resize(image, width, height, req.resize_mode.value)
             masks = None
-            if isinstance(req, InpaintRequest):
+            if inpaint:
                 mask = decode_base64_image(req.mask, max_pixels=UPLOAD_MAX_PIXELS, max_bytes=self.max_upload_bytes,
                                            field="mask")
+                mask = imageops.prepare_mask(mask, width, height, mode=req.resize_mode.value, blur=req.mask_blur,
+                                             invert=req.mask_invert)
+                if req.inpaint_fill.value == "fill":
+                    image = imageops.fill_masked(imageops.resize(image, width, height), mask)
                 masks = [mask] * len(seeds)
             return Work(key=key, prompt=req.prompt, negative_prompt=req.negative_prompt, seeds=seeds,
                         init_images=[image] * len(seeds), mask_images=masks)
@@ -188,13 +209,25 @@ class Generation:
         if req.refine != RefineMode.none and self.models.refiner_tag is None:
             raise Unavailable(f"refine={req.refine.value} needs the refiner, which this server has not loaded",
                               field="refine")
+        hires = None
+        if req.hires is not None:
+            up_w, up_h, out_w, out_h = req.hires.plan(req.width, req.height)
+            negative = req.hires.negative_prompt if req.hires.negative_prompt is not None else req.negative_prompt
+            hires = Hires(upscale_width=up_w, upscale_height=up_h, width=out_w, height=out_h,
+                          steps=req.hires.steps or req.steps, strength=req.hires.denoising_strength,
+                          upscaler=req.hires.upscaler.value,
+                          scheduler=(req.hires.sampler or req.scheduler).value, has_negative=bool(negative))
         key = BatchKey(kind="txt2img", width=req.width, height=req.height, steps=req.steps,
                        guidance_scale=req.guidance_scale, scheduler=req.scheduler.value, refine=req.refine.value,
                        high_noise_frac=req.high_noise_frac if req.refine == RefineMode.ensemble else 0.8,
                        strength=req.refiner_strength if req.refine == RefineMode.img2img else 0.3,
                        has_negative=bool(req.negative_prompt), approximation=req.approximation.value,
-                       **self._style(req))
-        return Work(key=key, prompt=req.prompt, negative_prompt=req.negative_prompt, seeds=req.seeds(req.num_images))
+                       hires=hires, tiling=req.tiling, clip_skip=req.clip_skip, eta=req.eta, **self._style(req))
+        seeds = req.seeds(req.num_images)
+        return Work(key=key, prompt=req.prompt, negative_prompt=req.negative_prompt, seeds=seeds,
+                    subseeds=req.subseeds(len(seeds)), subseed_strength=req.subseed_strength,
+                    hires_prompt=req.hires.prompt if req.hires is not None else None,
+                    hires_negative_prompt=req.hires.negative_prompt if req.hires is not None else None)
 
     def admit(self, req: Request, ctx: RequestContext) -> Admission:
         """Before any GPU work, on the request that runs: the caller's tier (``policy.police``, as the
@@ -209,6 +242,8 @@ class Generation:
             return None
         params = req.model_dump(mode="json", exclude={"return_base64", "caller"})
         params["seeds"] = work.seeds
+        if work.subseeds:
+            params["subseeds"] = work.subseeds
         params["owner"] = owner_of(principal)  # no key learns from a hit what another key asked for
         model = (work.key.model or self.models.base_tag) + (f"+{self.models.refiner_tag}" if work.key.uses_refiner
                                                              else "")
@@ -220,6 +255,7 @@ class Generation:
         ctx.audit["parameters"] = req.model_dump(mode="json", exclude={"prompt", "negative_prompt", "return_base64",
                                                                        "image", "mask"})
         try:
+            req = self.styled(req)
             admission = self.admit(req, ctx)
             work = self.work(req, ctx.principal)
             key = self._cache_key(req, work, ctx.principal)
@@ -346,12 +382,15 @@ class Generation:
                 images, verdicts = self.guard.review(images)
             flagged = [v.flagged for v in verdicts]
 
-        def finish(seed: int, image: Any, was_flagged: bool) -> CachedImage:
-            text = infotext(req.prompt, req.negative_prompt, self.parameters(req, key, seed))
+        subseeds = work.subseeds or [None] * len(work.seeds)
+        width, height = (key.hires.width, key.hires.height) if key.hires is not None else (key.width, key.height)
+
+        def finish(seed: int, subseed: int | None, image: Any, was_flagged: bool) -> CachedImage:
+            text = infotext(req.prompt, req.negative_prompt, self.parameters(req, key, seed, subseed))
             reason = "content_filtered" if was_flagged else "success"
             if image is None:
-                return CachedImage(id="", seed=seed, media_type=MEDIA_TYPES[fmt], width=key.width,
-                                   height=key.height, parameters=text, data=b"", finish_reason=reason)
+                return CachedImage(id="", seed=seed, media_type=MEDIA_TYPES[fmt], width=width,
+                                   height=height, parameters=text, data=b"", finish_reason=reason)
             if self.watermarker is not None:
                 (image,) = self.watermarker.apply([image])
             data = encode(image, fmt, req.quality, text)
@@ -362,8 +401,8 @@ class Generation:
                                finish_reason=reason)
 
         # A request's images are watermarked and encoded side by side (both release the GIL): BENCHMARKS.md
-        out = list(_POST_POOL.map(finish, work.seeds, images, flagged)) if len(images) > 1 else \
-            [finish(work.seeds[0], images[0], flagged[0])]
+        out = list(_POST_POOL.map(finish, work.seeds, subseeds, images, flagged)) if len(images) > 1 else \
+            [finish(work.seeds[0], subseeds[0], images[0], flagged[0])]
         if self.metrics is not None and any(flagged):
             self.metrics.content_filtered.inc(sum(flagged))
         return out
@@ -394,15 +433,52 @@ class Generation:
             self.metrics.c2pa_sign_seconds.labels(format=fmt).observe(time.perf_counter() - started)
         return signed
 
-    def parameters(self, req: Request, key: BatchKey, seed: int) -> dict[str, Any]:
+    def parameters(self, req: Request, key: BatchKey, seed: int, subseed: int | None = None) -> dict[str, Any]:
+        """The infotext's ``Key: value`` pairs, in AUTOMATIC1111's names where it has one."""
         params: dict[str, Any] = {
             "Steps": key.steps, "Sampler": samplers.label(key.scheduler), "CFG scale": key.guidance_scale,
             "Seed": seed, "Size": f"{key.width}x{key.height}", "Model": key.model or self.models.base_tag,
         }
+        if subseed is not None:
+            params.update({"Variation seed": subseed, "Variation seed strength": getattr(req, "subseed_strength", 0)})
+        if key.clip_skip != 1:
+            params["Clip skip"] = key.clip_skip
+        if key.eta is not None:
+            params["Eta DDIM"] = key.eta
+        if key.tiling:
+            params["Tiling"] = "True"
+        if getattr(req, "styles", None):
+            params["Styles"] = ", ".join(req.styles)  # type: ignore[union-attr]
         if key.loras:
             params["Lora"] = " ".join(f"{name}:{weight:g}" for name, weight in key.loras)
+        if key.hires is not None:
+            spec = req.hires  # type: ignore[union-attr]
+            params["Denoising strength"] = key.hires.strength
+            if spec.width is None and spec.height is None:
+                params["Hires upscale"] = spec.scale
+            else:
+                params["Hires resize"] = f"{key.hires.width}x{key.hires.height}"
+            params.update({"Hires steps": key.hires.steps, "Hires upscaler": key.hires.upscaler})
+            if key.hires.scheduler != key.scheduler:
+                params["Hires sampler"] = samplers.label(key.hires.scheduler)
+            if spec.prompt is not None:
+                params["Hires prompt"] = spec.prompt
+            if spec.negative_prompt is not None:
+                params["Hires negative prompt"] = spec.negative_prompt
         if key.kind in ("img2img", "inpaint"):
             params.update({"Mode": key.kind, "Denoising strength": key.strength})
+            if getattr(req, "resize_mode", None) is not None and req.resize_mode.value != "stretch":  # type: ignore
+                params["Resize mode"] = req.resize_mode.value  # type: ignore[union-attr]
+            if isinstance(req, InpaintRequest):
+                if req.mask_blur:
+                    params["Mask blur"] = req.mask_blur
+                if req.mask_invert:
+                    params["Mask mode"] = "Inpaint not masked"
+                if req.inpaint_fill.value != "original":
+                    params["Masked content"] = req.inpaint_fill.value
+                if req.mask_padding is not None:
+                    params["Inpaint area"] = "Only masked"
+                    params["Masked area padding"] = req.mask_padding
             if getattr(req, "image_id", None):
                 params["Source image"] = str(req.image_id)  # type: ignore[union-attr]
         elif isinstance(req, RefineRequest):
@@ -422,9 +498,12 @@ class Generation:
         """Submit all items at once so that compatible ones share a pipeline call; answer each alone. Each
         item carries its own caller (BentoML merges several callers' items): its tier, priority, deadline."""
         answers: list[BatchItem | None] = [None] * len(items)
+        items = list(items)
         works, index, admissions = [], [], []
         for i, (req, ctx) in enumerate(items):
             try:
+                req = self.styled(req)
+                items[i] = (req, ctx)
                 admission, work = self.admit(req, ctx), self.work(req, ctx.principal)
             except ServiceError as exc:
                 answers[i] = _failure(exc)

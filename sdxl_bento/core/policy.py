@@ -115,7 +115,8 @@ def police(principal: Principal, req: Any, *, deadline_s: float | None = None) -
     """``Forbidden`` when the request asks for more than the principal's tier allows; else its admission.
 
     Image-to-image requests without width and height take the image's size: checked by ``check_size`` once
-    it is decoded, after being scaled into ``max_pixels``.
+    it is decoded, after being scaled into ``max_pixels``. A hires pass counts its pixels (the size it upscales
+    to) and the steps it runs (its steps x denoising strength) on top of the first pass's.
     """
     tier = principal.tier
     if uses_refiner(req) and not tier.refiner_allowed:
@@ -125,6 +126,16 @@ def police(principal: Principal, req: Any, *, deadline_s: float | None = None) -
     width, height = _size(req)
     if width is not None and height is not None:
         check_size(tier, width, height)
+    hires = getattr(req, "hires", None)
+    if hires is not None:  # a hires pass counts its pixels (the size it works at) and the steps it runs
+        up_w, up_h, _, _ = hires.plan(req.width, req.height)
+        if up_w * up_h > tier.max_pixels:
+            raise _deny(tier, f"the hires pass's {up_w}x{up_h} ({up_w * up_h} pixels) is above the {tier.name} "
+                              f"tier's limit of {tier.max_pixels} pixels", "max_pixels", tier.max_pixels)
+        steps = req.steps + hires.run_steps(req.steps)
+        if steps > tier.max_steps:
+            raise _deny(tier, f"steps {req.steps} + the hires pass's {steps - req.steps} = {steps} is above the "
+                              f"{tier.name} tier's limit of {tier.max_steps}", "max_steps", tier.max_steps)
     if req.steps > tier.max_steps:
         raise _deny(tier, f"steps {req.steps} is above the {tier.name} tier's limit of {tier.max_steps}",
                     "max_steps", tier.max_steps)

@@ -23,7 +23,7 @@ from ..errors import InvalidRequest
 from ..jobs import APPROXIMATIONS, KINDS, BatchKey, StepCallback, Work
 from ..samplers import BY_NAME as SAMPLERS
 from ..store.modelstore import StoredPipeline
-from . import accel
+from . import accel, features
 from .accel import Acceleration, Decoder
 from .deepcache import deep_cache
 from .models import LoadedPipeline, ModelManager
@@ -174,6 +174,18 @@ class Engine:
         if (key.kind != "txt2img" or key.refine == "img2img") and int(key.steps * key.strength) < 1:
             raise InvalidRequest(f"strength: {key.strength} x {key.steps} steps leaves no denoising step; "
                                  "raise strength or steps", field="strength")
+        if key.hires is not None:
+            if key.kind != "txt2img" or key.refine != "none":
+                raise InvalidRequest("hires: a hires pass follows a text-to-image pass without the refiner",
+                                     field="hires")
+            if key.hires.upscaler not in features.LATENT_MODES and key.hires.upscaler not in features.PIXEL_MODES:
+                raise InvalidRequest(f"hires: unknown upscaler {key.hires.upscaler!r}", field="hires")
+            if int(key.hires.steps * key.hires.strength) < 1:
+                raise InvalidRequest("hires: its steps x denoising strength runs no denoising step", field="hires")
+        if key.eta is not None and not key.scheduler.startswith("ddim"):
+            raise InvalidRequest("eta: applies to the DDIM sampler only", field="eta")
+        if key.mask_padding is not None and key.kind != "inpaint":
+            raise InvalidRequest("mask_padding: for inpainting only", field="mask_padding")
 
     def generate(self, works: list[Work], on_step: StepCallback | None = None) -> list[list[Any]]:
         """Run works sharing one batch key as one pipeline call; returns PIL images per work."""
@@ -201,6 +213,10 @@ class Engine:
         loaded: LoadedPipeline | None = None
         if key.kind != "refine":
             loaded = self.manager.ensure(key.model)
+            most = features.max_clip_skip(loaded.pipe)
+            if key.clip_skip > most:
+                raise InvalidRequest(f"clip_skip: {key.clip_skip} is more than checkpoint {loaded.tag}'s text "
+                                     f"encoders have layers for (at most {most})", field="clip_skip")
             self.manager.activate_loras(loaded, key.loras)
         # Generators live on the CPU: the same seed gives the same noise on any device.
         generators = [torch.Generator("cpu").manual_seed(s) for w in works for s in w.seeds]
@@ -216,20 +232,48 @@ class Engine:
 
         common = dict(prompt=prompts, negative_prompt=negatives, guidance_scale=key.guidance_scale,
                       num_inference_steps=key.steps, generator=generators, callback_on_step_end=callback)
+        if key.eta is not None:
+            common["eta"] = key.eta
         refiner = self._refiner
 
         def run(pipe: Any, **kwargs: Any) -> Any:
             """One pipeline call in the batch's mode; final images decoded by our decoder when one is set."""
-            decoder = self._decoder(pipe.vae) if kwargs.get("output_type") != "latent" else None
+            call = {**common, **kwargs}
+            decoder = self._decoder(pipe.vae) if call.get("output_type") != "latent" else None
             if decoder is not None:
-                kwargs["output_type"] = "latent"
+                call["output_type"] = "latent"
             with ExitStack() as stack:
-                if (key.loras and pipe is not refiner) or key.approximation != "none":
-                    stack.enter_context(accel.eager(pipe.unet))  # a graph would not see the LoRA or the cache
+                if (key.loras and pipe is not refiner) or key.approximation != "none" or key.tiling:
+                    stack.enter_context(accel.eager(pipe.unet))  # a graph would not see the LoRA, cache or padding
                 if key.approximation == "deepcache":
                     stack.enter_context(deep_cache(pipe.unet, self.deepcache_interval))
-                images = pipe(**kwargs, **common).images
-            return images if decoder is None else pipe.image_processor.postprocess(decoder(images))
+                if key.tiling:
+                    stack.enter_context(features.circular(pipe.unet, pipe.vae, decoder.vae if decoder else None))
+                if key.clip_skip > 1 and pipe is not refiner:
+                    prompt, negative = call.pop("prompt"), call.pop("negative_prompt")
+                    call.update(features.embeddings(pipe, prompt, negative, key.clip_skip))
+                images = pipe(**call).images
+                return images if decoder is None else pipe.image_processor.postprocess(decoder(images))
+
+        def hires(first: Any) -> list[Any]:
+            """The hires pass over the first pass's latents (latent upscalers) or images (pixel ones)."""
+            spec = key.hires
+            assert spec is not None and loaded is not None
+            pipe = loaded.img2img()
+            pipe.scheduler = self._scheduler(loaded.scheduler_config, spec.scheduler)
+            factor = base.vae_scale_factor
+            if spec.upscaler in features.LATENT_MODES:
+                image = features.upscale_latents(first, spec.upscaler,
+                                                 (spec.upscale_height // factor, spec.upscale_width // factor),
+                                                 (spec.height // factor, spec.width // factor))
+            else:
+                image = [features.upscale_image(img, spec.upscaler, (spec.upscale_width, spec.upscale_height),
+                                                (spec.width, spec.height)) for img in first]
+            hr_prompts = [w.hires_prompt if w.hires_prompt is not None else w.prompt for w in works for _ in w.seeds]
+            hr_negatives = [w.hires_negative_prompt if w.hires_negative_prompt is not None else w.negative_prompt
+                            for w in works for _ in w.seeds] if spec.has_negative else None
+            return run(pipe, image=image, strength=spec.strength, num_inference_steps=spec.steps, prompt=hr_prompts,
+                       negative_prompt=hr_negatives)
 
         def run_refiner(**kwargs: Any) -> list[Any]:
             # LoRAs are for the base pass; the refiner's text encoder may be the base's, so they are turned off.
@@ -247,13 +291,31 @@ class Engine:
             elif key.kind == "inpaint":
                 pipe = loaded.inpaint()
                 pipe.scheduler = self._scheduler(loaded.scheduler_config, key.scheduler)
-                images = run(pipe, image=init, mask_image=masks, width=key.width, height=key.height,
-                             strength=key.strength)
+                if key.mask_padding is None:
+                    images = run(pipe, image=init, mask_image=masks, width=key.width, height=key.height,
+                                 strength=key.strength)
+                else:  # only the masked area, at the full size, pasted back into its place
+                    crops = [features.crop_masked(pipe.mask_processor, img, m, key.width, key.height, key.mask_padding)
+                             for img, m in zip(init, masks)]
+                    images = run(pipe, image=[c[0] for c in crops], mask_image=[c[1] for c in crops],
+                                 width=key.width, height=key.height, strength=key.strength)
+                    images = [features.paste_masked(img, m, out, c[2])
+                              for img, m, out, c in zip(init, masks, images, crops)]
             else:
                 base = loaded.pipe
                 base.scheduler = self._scheduler(loaded.scheduler_config, key.scheduler)
                 size = dict(width=key.width, height=key.height)
-                if key.refine == "none":
+                if any(w.subseeds for w in works):
+                    factor = base.vae_scale_factor
+                    size["latents"] = features.starting_noise(
+                        generators, [s for w in works for s in (w.subseeds or [None] * w.num_images)],
+                        [w.subseed_strength for w in works for _ in w.seeds],
+                        (base.unet.config.in_channels, key.height // factor, key.width // factor),
+                        base.text_encoder_2.dtype if base.text_encoder_2 is not None else self.dtype)
+                if key.hires is not None:
+                    latent = key.hires.upscaler in features.LATENT_MODES
+                    images = hires(run(base, **size, output_type="latent" if latent else "pil"))
+                elif key.refine == "none":
                     images = run(base, **size)
                 elif key.refine == "ensemble":
                     latents = run(base, **size, denoising_end=key.high_noise_frac, output_type="latent")

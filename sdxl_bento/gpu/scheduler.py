@@ -77,8 +77,7 @@ class Job:
 
     def cost(self) -> float:
         """Work units (steps x pixels x images) for ETA estimates."""
-        key = self.work.key
-        return key.total_steps() * key.width * key.height * self.work.num_images
+        return self.work.key.units() * self.work.num_images
 
 
 class Scheduler:
@@ -261,7 +260,7 @@ class Scheduler:
         max_images = self.max_batch_images
         if self.budget is not None:
             uses_refiner = key.kind == "refine" or key.refine != "none"
-            max_images = min(max_images, max(1, self.budget.max_images(key.width, key.height, uses_refiner)))
+            max_images = min(max_images, max(1, self.budget.max_images(*key.peak_size(), uses_refiner)))
         batch, images = [head], head.work.num_images
         for job in order:
             if job is head:

@@ -58,7 +58,10 @@ PARAMETERS = frozenset({
     "n", "size", "response_format", "style", "user", "output_compression", "stream", "api", "requested_model",
     # AUTOMATIC1111's (a1111.py)
     "sampler", "sampler_name", "sampler_index", "batch_size", "n_iter", "cfg_scale", "refiner_checkpoint",
-    "refiner_switch_at", "send_images", "denoising_strength"})
+    "refiner_switch_at", "send_images", "denoising_strength",
+    # issue 16: the A1111 features as native fields (``hires`` without its prompts), the newer OpenAI ones
+    "hires", "tiling", "clip_skip", "eta", "subseed", "subseed_strength", "styles", "resize_mode", "mask_blur", "mask_invert",
+    "inpaint_fill", "mask_padding", "background", "moderation", "safety_identifier"})
 """Generation parameters worth keeping: settings, never content (prompts, uploads, scripts)."""
 
 ITEM_FIELDS = frozenset({"prompt", "negative_prompt", "parameters", "outcome", "reason", "seeds", "image_ids",
@@ -235,7 +238,13 @@ def _replaced(path: Path, file: IO[bytes]) -> bool:
 def _parameters(value: Any) -> dict[str, Any] | None:
     if not isinstance(value, Mapping):
         return None
-    return {name: _scrub(v, MAX_STRING) for name, v in value.items() if name in PARAMETERS}
+    return {name: _scrub(_without_prompts(v) if name == "hires" else v, MAX_STRING) for name, v in value.items()
+            if name in PARAMETERS}
+
+
+def _without_prompts(value: Any) -> Any:
+    """A nested setting that carries prompts of its own (the hires pass's): its settings only."""
+    return {k: v for k, v in value.items() if k not in _PROMPTS} if isinstance(value, Mapping) else None
 
 
 def _scrub(value: Any, cap: int, depth: int = 0) -> Any:

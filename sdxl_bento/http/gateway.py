@@ -38,7 +38,7 @@ from ..errors import (
 from .audit import AuditLog
 from .auth import extract_key
 from .ratelimit import Limit, RateLimiter
-from .routes import Route, RouteTable
+from .routes import Route, RouteTable, read_form
 from .signing import INTERNAL_HEADERS, Signer
 from .upload import STATE_KEY as UPLOAD_STATE
 from .upload import read_upload
@@ -113,7 +113,11 @@ class Gateway:
                 admission = Admission(images=0, priority=principal.tier.priority,
                                       deadline_s=min(deadline or math.inf, principal.tier.default_deadline_s))
             elif route is not None:
-                body = await self._read_body(headers, receive)
+                body = await self._read_body(headers, receive, form=route.form)
+                if route.form and _media_type(headers) == "multipart/form-data":
+                    body = json.dumps(await read_form(body, headers["content-type"])).encode()
+                    _set_header(scope, "content-type", "application/json")
+                    _set_header(scope, "content-length", str(len(body)))
                 requests, admission = self._police(route, principal, body, deadline)
                 if route.batch:
                     body = self._stamp(body, principal, admission.deadline_s)
@@ -208,10 +212,13 @@ class Gateway:
             return OPEN_PRINCIPAL
         return self.keys.by_name(name)
 
-    async def _read_body(self, headers: dict[str, str], receive: Any) -> Any:
-        media_type = headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if media_type not in ("application/json", ""):
-            raise UnsupportedMediaType(f"send the request as application/json, not {media_type}")
+    async def _read_body(self, headers: dict[str, str], receive: Any, form: bool = False) -> Any:
+        media_type = _media_type(headers)
+        if form and media_type == "multipart/form-data":
+            pass
+        elif media_type not in ("application/json", ""):
+            also = " or multipart/form-data" if form else ""
+            raise UnsupportedMediaType(f"send the request as application/json{also}, not {media_type}")
         declared = headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise PayloadTooLarge(f"the request body is {declared} bytes; the limit is {self.max_body_bytes}")
@@ -331,6 +338,10 @@ def _described(req: Any) -> dict[str, Any]:
     """A typed request for the audit line: prompts apart, never an upload."""
     params = req.model_dump(mode="json", exclude={"prompt", "negative_prompt", "image", "mask", "caller"})
     return {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "parameters": params}
+
+
+def _media_type(headers: dict[str, str]) -> str:
+    return headers.get("content-type", "application/json").split(";")[0].strip().lower()
 
 
 def _single_headers(scope: dict[str, Any]) -> dict[str, str]:

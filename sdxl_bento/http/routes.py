@@ -34,6 +34,43 @@ class Route:
     upload: int | None = None
     """Takes an image file of at most this many bytes instead of a JSON request (``upload.py``): ``parse`` gets
     the ``Upload`` the gateway read."""
+    form: bool = False
+    """It takes ``multipart/form-data`` (OpenAI's image edits): the gateway parses the form into a JSON object
+    (``read_form``: files in base64), polices that, and hands the API method the JSON."""
+
+
+async def read_form(body: bytes, content_type: str, *, max_files: int = 4, max_fields: int = 64) -> dict[str, Any]:
+    """A multipart form as a JSON object: a field sent once is its value (a file: its bytes in base64), one
+    sent several times or named ``name[]`` a list. A malformed form is an ``InvalidRequest``."""
+    import base64
+
+    from starlette.datastructures import UploadFile
+    from starlette.formparsers import MultiPartException
+    from starlette.requests import Request
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "headers": [(b"content-type", content_type.encode("latin-1"))]}
+    try:
+        form = await Request(scope, receive).form(max_files=max_files, max_fields=max_fields)
+    except (MultiPartException, AssertionError, ValueError) as exc:
+        raise InvalidRequest(f"the multipart form could not be read: {exc}") from None
+    out: dict[str, Any] = {}
+    lists: set[str] = set()
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            value = base64.b64encode(await value.read()).decode("ascii")
+        name = key[:-2] if key.endswith("[]") else key
+        if key.endswith("[]") or name in out:
+            if name not in lists:
+                out[name] = [] if name not in out else [out[name]]
+                lists.add(name)
+            out[name].append(value)
+        else:
+            out[name] = value
+    await form.close()
+    return out
 
 
 def single(model: type[BaseModel]) -> Callable[[Any], list[Any]]:

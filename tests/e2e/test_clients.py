@@ -127,9 +127,9 @@ def test_a1111_random_seed_is_the_real_one(http):
 
 
 def test_a1111_errors(http):
-    r = http.post("/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "LMS", **SMALL})
+    r = http.post("/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "DPM fast", **SMALL})
     assert r.status_code == 400 and r.json()["error"] == "HTTPException"
-    assert "valid samplers: Euler, Euler a" in r.json()["detail"]
+    assert "valid samplers: Euler, Euler Karras, Euler Exponential, Euler a" in r.json()["detail"]
     r = http.post("/sdapi/v1/txt2img", json={"prompt": "x", "batch_size": 4, "n_iter": 3, **SMALL})
     assert r.status_code == 400 and "the limit is 8" in r.json()["detail"]
     r = http.post("/sdapi/v1/txt2img", json={"prompt": "x", "width": 250})
@@ -142,7 +142,8 @@ def test_a1111_models_and_samplers(http):
     assert any(m["title"].startswith("sdxl-base:") for m in models)
     assert not any(m["title"].startswith("sdxl-refiner:") for m in models)
     names = [s["name"] for s in http.get("/sdapi/v1/samplers").json()]
-    assert names == ["Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "UniPC"]
+    assert names[:4] == ["Euler", "Euler Karras", "Euler Exponential", "Euler a"]
+    assert {"PLMS", "LMS", "Heun", "DPM2", "DPM++ 2M SDE", "DPM++ SDE", "DPM++ 2M Karras", "DDIM", "UniPC"} <= set(names)
 
 
 def test_a1111_progress_and_interrupt(server, http):

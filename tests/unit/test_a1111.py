@@ -45,10 +45,17 @@ def test_fields_map_onto_generate_request():
 
 
 @pytest.mark.parametrize("name, schedule, expected", [
-    ("Euler", None, "euler"), ("Euler a", None, "euler_a"), ("DPM++ 2M", None, "dpmpp_2m"),
+    ("Euler", None, "euler"), ("Euler a", None, "euler_a"), ("DPM++ 2M", "Uniform", "dpmpp_2m"),
     ("DPM++ 2M Karras", None, "dpmpp_2m_karras"), ("DDIM", None, "ddim"), ("UniPC", None, "unipc"),
     ("k_euler_a", None, "euler_a"), ("euler a", None, "euler_a"), ("DPM++ 2M", "Karras", "dpmpp_2m_karras"),
-    ("DPM++ 2M", "Automatic", "dpmpp_2m"), (None, None, "euler"),
+    # A1111 1.9+: Automatic is the sampler's own default schedule (Karras for DPM++ 2M, exponential for 2M SDE)
+    ("DPM++ 2M", "Automatic", "dpmpp_2m_karras"), ("DPM++ 2M", None, "dpmpp_2m_karras"), (None, None, "euler"),
+    ("PLMS", None, "plms"), ("LMS", None, "lms"), ("LMS Karras", None, "lms_karras"), ("Heun", None, "heun"),
+    ("DPM2", None, "dpm2_karras"), ("DPM2", "Uniform", "dpm2"), ("DPM2 a Karras", None, "dpm2_a_karras"),
+    ("DPM++ 2M SDE", None, "dpmpp_2m_sde_exponential"), ("DPM++ 2M SDE Karras", None, "dpmpp_2m_sde_karras"),
+    ("DPM++ SDE", None, "dpmpp_sde_karras"), ("DPM++ SDE", "Exponential", "dpmpp_sde_exponential"),
+    ("Euler", "Karras", "euler_karras"), ("Euler", "Exponential", "euler_exponential"), ("k_lms", None, "lms"),
+    ("DPM++ 3M SDE", "Automatic", "dpmpp_3m_sde_exponential"), ("LMS Karras", "Automatic", "lms_karras"),
 ])
 def test_samplers(name, schedule, expected):
     assert a1111.sampler(name, schedule).value == expected
@@ -59,13 +66,22 @@ def test_sampler_index_is_the_old_name_of_sampler_name():
     assert mapped(prompt="x", sampler_index="Euler a", sampler_name="DDIM").scheduler.value == "ddim"
 
 
-def test_unknown_sampler_or_schedule_is_400_naming_the_valid_ones():
+@pytest.mark.parametrize("name", ["DPM fast", "DPM adaptive", "DPM++ 2S a", "Restart", "LCM", "DDIM CFG++"])
+def test_samplers_without_a_diffusers_equivalent_are_400_naming_the_valid_ones(name):
     with pytest.raises(ServiceError) as info:
-        mapped(prompt="x", sampler_name="LMS")
+        mapped(prompt="x", sampler_name=name)
     assert info.value.status == 400 and info.value.details["field"] == "sampler_name"
-    assert "Euler, Euler a, DPM++ 2M, DPM++ 2M Karras, DDIM, UniPC" in info.value.message
-    with pytest.raises(ServiceError, match="Automatic, or Karras"):
-        mapped(prompt="x", sampler_name="Euler", scheduler="Karras")
+    assert "no diffusers equivalent" in info.value.message
+    assert "Euler, Euler Karras, Euler Exponential, Euler a, DPM++ 2M" in info.value.message and "PLMS" in info.value.message
+
+
+def test_unknown_schedules_are_400_naming_the_field():
+    with pytest.raises(ServiceError, match="valid for it: Automatic, Uniform") as info:
+        mapped(prompt="x", sampler_name="Euler a", scheduler="Karras")  # diffusers' Euler a has no Karras sigmas
+    assert info.value.details["field"] == "scheduler"
+    with pytest.raises(ServiceError, match="Automatic, Uniform, Karras, Exponential") as info:
+        mapped(prompt="x", sampler_name="Euler", scheduler="Align Your Steps")
+    assert info.value.details["field"] == "scheduler"
 
 
 @pytest.mark.parametrize("fields, field", [
@@ -99,7 +115,7 @@ def test_request_validation_errors_and_service_errors_in_a1111_shape():
 def test_txt2img_answer_is_shaped_as_a1111():
     req = a1111.A1111Txt2ImgRequest.model_validate({
         "prompt": "a cat", "negative_prompt": "dog", "seed": -1, "steps": 4, "width": 256, "height": 256,
-        "batch_size": 2, "sampler_name": "Euler a", "restore_faces": True, "styles": ["s"], "not_a1111": 1})
+        "batch_size": 2, "sampler_name": "Euler a", "restore_faces": False, "styles": ["s"], "not_a1111": 1})
     generated = a1111.to_generate_request(req)
     images = [CachedImage(id=str(i), seed=900 + i, media_type="image/png", width=256, height=256,
                           parameters=f"a cat\nSeed: {900 + i}", data=b"png%d" % i) for i in range(2)]
@@ -107,9 +123,9 @@ def test_txt2img_answer_is_shaped_as_a1111():
     assert set(out) == {"images", "parameters", "info"}
     assert [base64.b64decode(i) for i in out["images"]] == [b"png0", b"png1"]
     params = out["parameters"]
-    assert params["prompt"] == "a cat" and params["seed"] == -1 and params["restore_faces"] is True
+    assert params["prompt"] == "a cat" and params["seed"] == -1 and params["restore_faces"] is False
     assert params["styles"] == ["s"] and params["enable_hr"] is False and "not_a1111" not in params
-    assert set(a1111.TOLERATED) <= set(params)
+    assert set(a1111.A1111Txt2ImgRequest.model_fields) == set(params)
     info = json.loads(out["info"])
     assert info["seed"] == 900 and info["all_seeds"] == [900, 901]  # the real seeds, not -1
     assert info["infotexts"] == ["a cat\nSeed: 900", "a cat\nSeed: 901"]
@@ -235,10 +251,10 @@ def test_caller_name():
     assert compat.caller_name(scope(Principal("open", DEFAULT_TIERS["free"], "abcd"))) == (True, "open")
 
 
-def test_wire_model_passes_the_tolerated_fields_on():
+def test_wire_model_passes_every_a1111_field_on():
     wire = a1111.A1111Wire.model_validate({"prompt": "x", "restore_faces": True, "enable_hr": None, "bogus": 1})
     fields = {k: getattr(wire, k) for k in type(wire).model_fields}  # what BentoML hands the API method
-    assert set(fields) == set(a1111.A1111Txt2ImgRequest.model_fields) | set(a1111.TOLERATED)
+    assert set(fields) == set(a1111.A1111Txt2ImgRequest.model_fields)
     req = a1111.A1111Txt2ImgRequest.model_validate(compat.given(fields))
     assert req.echo()["restore_faces"] is True and req.echo()["enable_hr"] is False
 

@@ -111,6 +111,16 @@ def test_parameter_names_cover_the_request_models():
     assert not {"image", "mask", "init_images", "prompt", "negative_prompt", "hr_prompt"} & PARAMETERS
 
 
+def test_the_hires_pass_is_kept_without_its_prompts(tmp_path):
+    path = tmp_path / "audit.log"
+    with AuditLog(path) as log:
+        log.record(endpoint="/generate", parameters={"steps": 4, "hires": {"scale": 2, "prompt": "secret castle",
+                                                                          "negative_prompt": "x", "steps": 6}})
+    line = json.loads(path.read_text())
+    assert line["parameters"] == {"steps": 4, "hires": {"scale": 2, "steps": 6}}
+    assert "secret castle" not in path.read_text()
+
+
 def test_batch_items_are_policed_like_the_request(tmp_path):
     path = tmp_path / "audit.log"
     items = [{"prompt": "a red fox", "negative_prompt": "blurry", "parameters": {"steps": 20, "image": "AAAA"},

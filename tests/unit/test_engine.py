@@ -94,8 +94,8 @@ def test_checkpoint_and_lora_set_are_part_of_the_batch_key():
 def test_unknown_scheduler_is_a_clear_error(engine):
     from sdxl_bento.errors import InvalidRequest
 
-    key = BatchKey(**{**KEY.__dict__, "scheduler": "lms", "width": 64, "height": 64})
-    with pytest.raises(InvalidRequest, match="unknown scheduler 'lms'"):
+    key = BatchKey(**{**KEY.__dict__, "scheduler": "dpm_fast", "width": 64, "height": 64})
+    with pytest.raises(InvalidRequest, match="unknown scheduler 'dpm_fast'"):
         engine.generate([Work(key, "a cat", "", [1])])
 
 

@@ -25,8 +25,9 @@ def test_defaults_and_fields_map_onto_generate_request():
     req = mapped(prompt="a lighthouse")
     assert (req.prompt, req.width, req.height, req.num_images, req.steps) == ("a lighthouse", 1024, 1024, 1, 30)
     assert req.output_format.value == "png" and req.seed is None and req.refine.value == "none"
-    req = mapped(prompt="x", model="dall-e-3", n=3, size="1216x832", quality="hd", style="vivid", user="u-1",
-                 response_format="b64_json", output_format="webp", output_compression=70)
+    req = mapped(prompt="x", model="dall-e-3", n=3, size="1216x832", quality="hd", user="u-1",
+                 response_format="b64_json", output_format="webp", output_compression=70, background="opaque",
+                 moderation="auto", safety_identifier="s-1")
     assert (req.width, req.height, req.num_images, req.steps) == (1216, 832, 3, 50)
     assert req.output_format.value == "webp" and req.quality == 70
 
@@ -38,7 +39,7 @@ def test_quality_sets_the_steps(quality, steps):
 
 def test_extensions_and_ignored_fields():
     req = mapped(prompt="x", seed=7, steps=4, negative_prompt="blur", guidance_scale=3.5,
-                 background="transparent", moderation="low", partial_images=0)
+                 background="auto", moderation="auto", partial_images=0, not_openai="ignored")
     assert (req.seed, req.steps, req.negative_prompt, req.guidance_scale) == (7, 4, "blur", 3.5)
     assert mapped(prompt="x", quality="hd", steps=12).steps == 12  # steps wins over quality
     assert mapped(prompt="x", n=None, size=None).num_images == 1  # JSON null: the default

@@ -34,7 +34,7 @@ def test_defaults_and_seed_is_always_chosen():
     ({"prompt": "x", "num_images": 9}, "less than or equal to 8"),
     ({"prompt": "x", "seed": -1}, "greater than or equal to 0"),
     ({"prompt": "x", "seed": 2**32}, "less than or equal to 4294967295"),
-    ({"prompt": "x", "scheduler": "plms"}, "euler"),
+    ({"prompt": "x", "scheduler": "dpm_fast"}, "euler"),
     ({"prompt": "x", "refine": "both"}, "ensemble"),
     ({"prompt": "x", "high_noise_frac": 1.0}, "less than or equal to 0.99"),
     ({"prompt": "x", "output_format": "gif"}, "png"),
