@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 import bentoml
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from sdxl_bento import schemas
 from sdxl_bento.adapters import a1111
@@ -97,8 +97,8 @@ class SDXL:
         """One image, as the raw PNG/JPEG/WebP body; seed and parameters in headers and in the file
         (``Accept: application/json``: JSON, as ``/generate`` answers)."""
         req = REQUESTS.generate.model_validate(fields)
-        if negotiation.wants_json(ctx.request.state):
-            return await self._answer(ctx, req)
+        if negotiation.wants_json(ctx.request.state):  # the method's declared output is bytes: answer directly
+            return JSONResponse((await self._answer(ctx, req)).model_dump(mode="json"))
         return await self._image(ctx, req)
 
     async def _image(self, ctx: bentoml.Context, req: Any) -> Response:

@@ -284,7 +284,8 @@ class Generation:
         if ctx.on_submit is not None:
             ctx.on_submit([job])
         images = await self.wait(job, timeout)
-        stored = await asyncio.to_thread(self.store, job.work, images, req, owner_of(ctx.principal))
+        stored = await asyncio.to_thread(self.store, job.work, images, req, owner_of(ctx.principal),
+                                         batch_images=job.batch_images)
         return Outcome(images=stored, queue_s=job.queue_seconds, gpu_s=job.run_seconds, model=work.key.model)
 
     async def wait(self, job: Job, timeout: float) -> list[Any]:
@@ -299,7 +300,8 @@ class Generation:
             self.scheduler.cancel(job)
             raise
 
-    def store(self, work: Work, images: list[Any], req: Request, owner: str | None = None) -> list[CachedImage]:
+    def store(self, work: Work, images: list[Any], req: Request, owner: str | None = None, *,
+              batch_images: int | None = None) -> list[CachedImage]:
         """Check each image (before it is stored, cached or returned), watermark it, encode it with its own
         parameters and save it. A withheld image keeps its place, with no id and no data."""
         key, fmt = work.key, req.output_format.value
@@ -320,7 +322,7 @@ class Generation:
             pixels = manifest.pixels_sha256(image) if fmt == "png" else manifest.pixels_sha256(
                 Image.open(io.BytesIO(data)))
             return manifest.build(req, key, seed, index[seed], environment, fmt=fmt, data=data, pixels=pixels,
-                                  width=image.width, height=image.height,
+                                  width=image.width, height=image.height, batch_images=batch_images or len(images),
                                   postprocess={**postprocess, "flagged": was_flagged})
 
         def finish(seed: int, image: Any, was_flagged: bool) -> CachedImage:
@@ -392,7 +394,8 @@ class Generation:
         async def finish(req: GenerateRequest, ctx: RequestContext, job: Job, timeout: float) -> BatchItem:
             try:
                 images = await self.wait(job, timeout)
-                stored = await asyncio.to_thread(self.store, job.work, images, req, owner_of(ctx.principal))
+                stored = await asyncio.to_thread(self.store, job.work, images, req, owner_of(ctx.principal),
+                                                 batch_images=job.batch_images)
             except ServiceError as exc:
                 return _failure(exc)
             outcome = Outcome(images=stored, queue_s=job.queue_seconds, gpu_s=job.run_seconds, model=job.work.key.model)

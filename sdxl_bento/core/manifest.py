@@ -34,8 +34,12 @@ def pixels_sha256(image: Any) -> str:
 
 
 def build(req: Any, key: Any, seed: int, index: int, environment: dict[str, Any], *, fmt: str, data: bytes,
-          pixels: str | None, width: int, height: int, postprocess: dict[str, Any]) -> dict[str, Any]:
-    """The manifest of the ``index``-th image of ``req`` (made with ``seed``), without its id (the store adds it)."""
+          pixels: str | None, width: int, height: int, postprocess: dict[str, Any],
+          batch_images: int = 1) -> dict[str, Any]:
+    """The manifest of the ``index``-th image of ``req`` (made with ``seed``), without its id (the store adds it).
+    ``batch_images``: how many images the pipeline call that made it held. Each image has its own generator, so its
+    noise never depends on its batch mates, but on some devices the arithmetic does, in the last bit; a replay runs
+    alone, and a difference there is named by this field."""
     params = req.model_dump(mode="json", exclude={"return_base64", "image", "mask", "caller", *LIFECYCLE_FIELDS})
     params["seed"] = seed
     if "num_images" in params:
@@ -57,7 +61,7 @@ def build(req: Any, key: Any, seed: int, index: int, environment: dict[str, Any]
         "seed": seed,
         "batch_key": {"width": key.width, "height": key.height, "steps": key.steps,
                       "total_steps": key.total_steps(), "guidance_scale": key.guidance_scale, "refine": key.refine,
-                      "high_noise_frac": key.high_noise_frac, "strength": key.strength},
+                      "high_noise_frac": key.high_noise_frac, "strength": key.strength, "batch_images": batch_images},
         "source": source or None,
         **environment,
         "postprocess": postprocess,

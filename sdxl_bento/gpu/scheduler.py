@@ -63,6 +63,8 @@ class Job:
     _listeners: list[Callable[[str, dict[str, Any]], None]] = field(default_factory=list)
     wants_previews: bool = False
     """A listener asked for preview images (the engine makes them only then)."""
+    batch_images: int = 0
+    """Images of the pipeline call that ran the job (its own and its batch mates'): numerics may depend on it."""
 
     def listen(self, listener: Callable[[str, dict[str, Any]], None], *, previews: bool = False) -> None:
         """Call ``listener(kind, info)`` from the scheduler's thread as the job moves: ``running``
@@ -313,7 +315,9 @@ class Scheduler:
 
     def _run(self, batch: list[Job]) -> None:
         started = self._batch_started = time.perf_counter()
+        images = sum(job.work.num_images for job in batch)
         for job in batch:
+            job.batch_images = images
             job._emit("running", total_steps=job.total_steps)
 
         def on_step(done: int, total: int) -> None:

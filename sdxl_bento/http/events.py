@@ -205,7 +205,8 @@ class Progress:
         self._lock = threading.Lock()
         self._queued: dict[str, tuple[Any, tuple[Any, Any]]] = {}
         """task id -> (job, last (position, eta) published), while queued."""
-        self._step_at: dict[str, float] = {}
+        self._step_at: dict[str, tuple[float, int]] = {}
+        """task id -> (when, step) of its last ``running`` event."""
         self._ticker: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -213,14 +214,14 @@ class Progress:
         if not jobs:
             return
         job = jobs[0]
-        for each in jobs:
-            each.listen(lambda kind, info, job=each: self._notified(task_id, job, kind, info), previews=True)
-        if job.state.value == "queued":
+        if job.state.value == "queued":  # published before listening, so that it comes before the job's first step
             info = self._queue_info(job)
             with self._lock:
                 self._queued[task_id] = (job, (info.get("queue_position"), info.get("eta_s")))
             self._publish(task_id, "queued", info)
             self._ensure_ticker()
+        for each in jobs:
+            each.listen(lambda kind, info, job=each: self._notified(task_id, job, kind, info), previews=True)
 
     def _queue_info(self, job: Any) -> dict[str, Any]:
         scheduler = self.scheduler()
@@ -238,15 +239,16 @@ class Progress:
             if kind == "running":
                 with self._lock:
                     self._queued.pop(task_id, None)
-                    self._step_at[task_id] = time.monotonic()
+                    self._step_at[task_id] = (time.monotonic(), 0)
                 self._publish(task_id, "running", self._running_info(job, 0, info.get("total_steps", 0)))
             elif kind == "step":
                 step, total = info["step"], info["total_steps"]
                 now = time.monotonic()
                 with self._lock:
-                    due = step in (1, total) or now - self._step_at.get(task_id, 0.0) >= STEP_EVENTS_EVERY_S
+                    last_at, last_step = self._step_at.get(task_id, (0.0, -1))
+                    due = step != last_step and (step in (1, total) or now - last_at >= STEP_EVENTS_EVERY_S)
                     if due:
-                        self._step_at[task_id] = now
+                        self._step_at[task_id] = (now, step)
                 if due:
                     self._publish(task_id, "running", self._running_info(job, step, total))
             elif kind == "preview":
