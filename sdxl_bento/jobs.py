@@ -69,6 +69,8 @@ class Work:
     """For ``refine``, ``img2img`` and ``inpaint``: one PIL image per seed."""
     mask_images: Optional[list[Any]] = None
     """For ``inpaint``: one PIL mask per seed; white is repainted, black kept."""
+    previews: bool = False
+    """Someone follows this work's progress (a task's event stream): the engine makes preview images for it."""
 
     @property
     def num_images(self) -> int:

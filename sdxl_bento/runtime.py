@@ -89,7 +89,7 @@ class Front:
             progress_interval_s=s.webhook_progress_interval_s,
             observe=lambda outcome: metrics().webhook_attempts.labels(outcome=outcome).inc())
         front.progress = Progress(front.events, webhooks=front.webhooks, scheduler=lambda: front.tasks.scheduler)
-        front.tasks.progress = front.progress
+        front.tasks.events = front.progress
         journal.listeners.append(task_ended(front.events, front.webhooks))
         front.idempotency = make_idempotency(s.redis(), s.state_dir, ttl_s=s.idempotency_ttl_s,
                                              lease_s=s.timeout + 120)

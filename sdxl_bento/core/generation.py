@@ -73,6 +73,8 @@ class RequestContext:
     received: float = field(default_factory=time.monotonic)
     no_cache: bool = False
     """Generate even when the result cache holds the answer (a replay must run)."""
+    previews: bool = False
+    """Make preview images while it denoises (a task, whose events someone may follow)."""
 
 
 @dataclass
@@ -280,6 +282,7 @@ class Generation:
 
     async def _generate(self, req: Request, work: Work, ctx: RequestContext, admission: Admission) -> Outcome:
         timeout = min(self.timeout, admission.deadline_s)
+        work.previews = work.previews or ctx.previews
         (job,) = self.scheduler.submit([work], timeout=timeout, priority=admission.priority)
         if ctx.on_submit is not None:
             ctx.on_submit([job])
@@ -450,9 +453,10 @@ class Replays:
                 raise NotFound(f"no image with id {image_id}")
             return images.manifest(image_id), image_id
         given = body.manifest
-        image_id = (given.get("image") or {}).get("id") if isinstance(given, dict) else None
+        image = given.get("image") if isinstance(given, dict) else None
+        image_id = image.get("id") if isinstance(image, dict) else None
         try:
-            if image_id and may_use(principal, images.info(str(image_id)).owner):
+            if isinstance(image_id, str) and may_use(principal, images.info(image_id).owner):
                 return given, str(image_id)
         except ServiceError:
             pass
@@ -479,7 +483,9 @@ class Replays:
         if original_id is not None:
             path, _ = self.images.find(original_id)
             original = await asyncio.to_thread(path.read_bytes)
-        pixels = (found.get("image") or {}).get("pixels_sha256")
+        image_facts = found.get("image")
+        pixels = image_facts.get("pixels_sha256") if isinstance(image_facts, dict) else None
+        pixels = pixels if isinstance(pixels, str) else None
         comparison = await asyncio.to_thread(manifest.compare, original, image.data, pixels)
         result = ImageResult(id=image.id, url=generation.url(image.id, ctx.principal), seed=image.seed,
                              width=image.width, height=image.height, format=req.output_format,

@@ -110,9 +110,10 @@ def compare(original: bytes | None, replay: bytes, original_pixels: str | None =
             "mean_abs_diff": round(float(diff.mean()), 6), "compared": "pixels"}
 
 
-def differences(original: dict[str, Any], replay: dict[str, Any]) -> list[dict[str, Any]]:
+def differences(original: Any, replay: dict[str, Any]) -> list[dict[str, Any]]:
     """The manifest fields whose values differ (dotted paths), but for the image's own facts."""
-    left = dict(_flatten({k: v for k, v in original.items() if k not in NOT_COMPARED}))
+    left = dict(_flatten({k: v for k, v in original.items() if k not in NOT_COMPARED} if isinstance(original, dict)
+                         else {}))
     right = dict(_flatten({k: v for k, v in replay.items() if k not in NOT_COMPARED}))
     return [{"field": name, "original": left.get(name), "replay": right.get(name)}
             for name in sorted(left.keys() | right.keys()) if left.get(name) != right.get(name)]

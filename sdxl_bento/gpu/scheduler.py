@@ -329,7 +329,7 @@ class Scheduler:
 
         def call(works: list[Work]) -> list[list[Any]]:
             jobs = [job for job in batch if any(job.work is w for w in works)]
-            if not any(job.wants_previews for job in jobs):
+            if not any(job.wants_previews or job.work.previews for job in jobs):
                 return self.engine.generate(works, on_step=on_step)
 
             def on_preview(done: int, total: int, images: list[bytes]) -> None:
@@ -337,7 +337,7 @@ class Scheduler:
                 for job in jobs:  # the batch's images in order, num_images per job
                     mine = images[start:start + job.work.num_images]
                     start += job.work.num_images
-                    if job.wants_previews and mine:
+                    if (job.wants_previews or job.work.previews) and mine:
                         job._emit("preview", step=done, total_steps=total, images=mine)
 
             return self.engine.generate(works, on_step=on_step, on_preview=on_preview)  # type: ignore[call-arg]

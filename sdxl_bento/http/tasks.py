@@ -54,7 +54,7 @@ class TaskRegistry:
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
         self.scheduler: Scheduler | None = None
-        self.progress: Any = None
+        self.events: Any = None
         """``events.Progress``: a task's jobs, once attached, report their progress as events."""
 
     def __len__(self) -> int:
@@ -74,8 +74,8 @@ class TaskRegistry:
         if cancelled and self.scheduler is not None:
             for job in jobs:
                 self.scheduler.cancel(job)
-        elif self.progress is not None:
-            self.progress.watch(task_id, jobs)
+        elif self.events is not None:
+            self.events.watch(task_id, jobs)
 
     def ended(self, task_id: str, status: str, reason: str | None = None, *, result: Any = None,
               error: Any = None, http_status: int | None = None) -> None:
@@ -142,6 +142,7 @@ async def run_task(ctx: Any, req: Any, *, front: Any, generation: Any) -> Any:
             raise NotFound(f"task {task_id} is not in the journal")
         rctx = front.task_context(ctx, record.owner)
         rctx.on_submit = lambda jobs: registry.attach(task_id, jobs)
+        rctx.previews = True  # its event stream shows them
         answer = generation.response(req, await generation.run(req, rctx), rctx)
     except Cancelled:
         registry.ended(task_id, "canceled", "cancelled")
