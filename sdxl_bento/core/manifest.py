@@ -76,7 +76,7 @@ def request_from(manifest: dict[str, Any], requests: Any = None) -> Any:
         raise InvalidRequest(f"manifest: not a manifest of version {VERSION} (GET /images/{{id}}/manifest gives one)",
                              field="manifest")
     kind, params = manifest.get("kind"), manifest.get("request")
-    if kind not in KINDS or not isinstance(params, dict):
+    if not isinstance(kind, str) or kind not in KINDS or not isinstance(params, dict):
         raise InvalidRequest("manifest: kind and request are missing or unknown", field="manifest")
     if kind == "inpaint":
         raise Unavailable("an inpainting manifest cannot be replayed: its mask was uploaded and is not kept (only its "
