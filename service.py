@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 import bentoml
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from sdxl_bento import schemas
 from sdxl_bento.adapters import a1111
@@ -22,7 +22,7 @@ from sdxl_bento.adapters.common import given
 from sdxl_bento.core.generation import RequestContext
 from sdxl_bento.core.verify import VerifyReport, VerifyWire
 from sdxl_bento.errors import ContentFiltered, InvalidRequest, ServiceError, Unauthorized, answers_in, native_error
-from sdxl_bento.http import apps, routes, upstream
+from sdxl_bento.http import apps, negotiation, routes, upstream
 from sdxl_bento.http.tasks import run_task
 from sdxl_bento.runtime import Front, build_runtime, require_models
 from sdxl_bento.settings import Settings
@@ -33,7 +33,8 @@ settings = Settings()
 REQUESTS = schemas.Requests.with_limits(schemas.Limits(
     max_prompt_chars=settings.max_prompt_chars, max_pixels=settings.max_pixels, max_loras=settings.max_loras))
 WITH_REFINER, WITH_CHECKER = require_models(settings)
-TASKS = {"/jobs": REQUESTS.generate, "/img2img_jobs": REQUESTS.img2img, "/inpaint_jobs": REQUESTS.inpaint}
+TASKS = {"/jobs": REQUESTS.generate, "/img2img_jobs": REQUESTS.img2img, "/inpaint_jobs": REQUESTS.inpaint,
+         "/refine_jobs": REQUESTS.refine}
 ROUTES = routes.table(
     {"/txt2img": REQUESTS.generate, "/generate": REQUESTS.generate, "/refine": REQUESTS.refine,
      "/img2img": REQUESTS.img2img, "/inpaint": REQUESTS.inpaint}, TASKS, batch=REQUESTS.batch,
@@ -47,11 +48,13 @@ ROUTES = routes.table(
                  a1111.from_error),
              "/v1/images/edits": routes.Route(
                  "/v1/images/edits", lambda body: openai_api.parse_edit_body(body, REQUESTS.img2img, REQUESTS.inpaint),
-                 openai_api.error_response, form=True)},
+                 openai_api.error_response, form=True),
+             "/replay": routes.Route("/replay", lambda body: [], negotiates=True,  # the manifest's request, policed
+                                     parse_for=lambda body, principal: front.replays.requests_of(body, principal))},
     mounted={"/sdapi/v1": a1111.from_error, "/v1": openai_api.error_response, "/models": native_error,
              "/images": native_error},
     uploads=(routes.upload("/verify", settings.max_upload_bytes),))
-front = Front.build(settings, ROUTES)
+front = Front.build(settings, ROUTES, REQUESTS)
 upstream.apply(ROUTES.template)  # BentoML's request timers and metric labels
 
 # The OCI image installs exactly the lock that bentofile.yaml names (requirements/cuda.txt): uv is told to add
@@ -101,8 +104,17 @@ class SDXL:
     @bentoml.api(input_spec=REQUESTS.generate, route="/txt2img")
     @answers_in()
     async def txt2img(self, ctx: bentoml.Context, **fields: Any) -> bytes:
-        """One image, as the raw PNG/JPEG/WebP body; seed and parameters in headers and in the file."""
-        req, rctx = REQUESTS.generate.model_validate(fields), front.request_context(ctx)
+        """One image, as the raw PNG/JPEG/WebP body; seed and parameters in headers and in the file
+        (``Accept: application/json``: JSON, as ``/generate`` answers)."""
+        req = REQUESTS.generate.model_validate(fields)
+        if negotiation.wants_json(ctx.request.state):  # the method's declared output is bytes: answer directly
+            return JSONResponse((await self._answer(ctx, req)).model_dump(mode="json"))
+        return await self._image(ctx, req)
+
+    async def _image(self, ctx: bentoml.Context, req: Any) -> Response:
+        rctx, fmt = front.request_context(ctx), negotiation.image_format(ctx.request.state)
+        if fmt is not None and fmt != req.output_format.value:  # Accept chose it; the body named none
+            req = req.model_copy(update={"output_format": schemas.OutputFormat(fmt)})
         if req.num_images != 1:
             raise InvalidRequest("/txt2img returns one image; use /generate for several", field="num_images")
         outcome = await self.generation.run(req, rctx)
@@ -120,8 +132,12 @@ class SDXL:
     @bentoml.api(input_spec=REQUESTS.generate, route="/generate")
     @answers_in()
     async def generate(self, ctx: bentoml.Context, **fields: Any) -> schemas.GenerateResponse:
-        """Images as JSON: id, url, seed (and base64 when asked) for each, with timings."""
-        return await self._answer(ctx, REQUESTS.generate.model_validate(fields))
+        """Images as JSON: id, url, seed (and base64 when asked) for each, with timings (``Accept: image/png``,
+        ``image/jpeg`` or ``image/webp``: the image, as ``/txt2img`` answers)."""
+        req = REQUESTS.generate.model_validate(fields)
+        if negotiation.image_format(ctx.request.state) is not None:
+            return await self._image(ctx, req)
+        return await self._answer(ctx, req)
 
     @bentoml.api(input_spec=REQUESTS.refine, route="/refine")
     @answers_in()
@@ -248,6 +264,22 @@ class SDXL:
             outcome.images, oreq.prompt, int(time.time()), oreq.response_format,
             url_for=lambda image_id: openai_api.absolute_url(base, self.generation.url(image_id, rctx.principal)),
             req=oreq)
+
+
+    # -- the job lifecycle (issue 17) ---------------------------------------------------------------------
+    @bentoml.task(input_spec=REQUESTS.refine, route="/refine_jobs")
+    @answers_in()
+    async def refine_jobs(self, ctx: bentoml.Context, **fields: Any) -> schemas.GenerateResponse:
+        """``/refine`` as a task (``Prefer: respond-async`` on ``/refine`` submits one): ``/refine_jobs/submit``, ..."""
+        return await run_task(ctx, REQUESTS.refine.model_validate(fields), front=front, generation=self.generation)
+
+    @bentoml.api(input_spec=schemas.ReplayRequest, route="/replay")
+    @answers_in()
+    async def replay(self, ctx: bentoml.Context, **fields: Any) -> dict[str, Any]:
+        """Generate a stored image again from its manifest (by ``image_id``, or a ``manifest``); whether the pixels
+        are identical, else the largest and mean difference, and which manifest fields differ."""
+        body, rctx = schemas.ReplayRequest.model_validate(fields), front.request_context(ctx)
+        return await front.replays.run(body, rctx, self.generation)
 
 
 for middleware, options in front.middlewares():

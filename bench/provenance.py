@@ -37,8 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 from PIL import Image  # noqa: E402
-
 from postprocess import natural_image  # noqa: E402
+
 from sdxl_bento.core.images import encode  # noqa: E402
 from sdxl_bento.core.provenance import Claim, Credentials, ManifestReader, Model, Provenance, Source  # noqa: E402
 from sdxl_bento.core.verify import inspect  # noqa: E402

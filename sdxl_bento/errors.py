@@ -173,3 +173,15 @@ def answers_in(shape: Callable[[Exception], Any] = native_error):
         return wrapper
 
     return decorate
+
+
+class NotAcceptable(ServiceError):
+    """The ``Accept`` header names no media type this route can answer in (RFC 9110, 406)."""
+
+    status, type = 406, "not_acceptable"
+
+
+class IdempotencyMismatch(ServiceError):
+    """An ``Idempotency-Key`` reused with a different request (the IETF httpapi draft: 422)."""
+
+    status, type = 422, "idempotency_key_reused"

@@ -11,6 +11,8 @@ from typing import Any, Callable, Literal, Optional
 
 StepCallback = Callable[[int, int], None]
 """Called after each denoising step with (steps done, steps in total); it may raise to abort the batch."""
+PreviewCallback = Callable[[int, int, list[bytes]], None]
+"""Called every few denoising steps with (steps done, steps in total, one small JPEG per image of the batch)."""
 
 Kind = Literal["txt2img", "refine", "img2img", "inpaint"]
 KINDS: tuple[str, ...] = ("txt2img", "refine", "img2img", "inpaint")
@@ -123,6 +125,8 @@ class Work:
     hires_prompt: Optional[str] = None
     """The hires pass's prompt (None: ``prompt``)."""
     hires_negative_prompt: Optional[str] = None
+    previews: bool = False
+    """Someone follows this work's progress (a task's event stream): the engine makes preview images for it."""
 
     @property
     def num_images(self) -> int:

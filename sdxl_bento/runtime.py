@@ -20,7 +20,7 @@ from typing import Any
 
 from .adapters.a1111 import JobOwners
 from .adapters.a1111_options import OptionsStore
-from .core.generation import UPLOAD_MAX_PIXELS, Generation, ModelInfo, RequestContext
+from .core.generation import UPLOAD_MAX_PIXELS, Generation, ModelInfo, Replays, RequestContext
 from .core.images import ImageStore
 from .core.policy import OPEN_PRINCIPAL, Principal, owner_of
 from .core.provenance import Credentials, ManifestReader, Provenance
@@ -29,8 +29,11 @@ from .core.verify import VerifyReport, inspect
 from .errors import ModelMissing, Unauthorized
 from .http.audit import AuditLog
 from .http.auth import KeyFile
+from .http.events import EventLog, Progress
 from .http.gateway import DEADLINE_HEADER, Gateway
+from .http.idempotency import Idempotency, make_idempotency
 from .http.journal import TaskJournal
+from .http.lifecycle import Lifecycle, task_accepted, task_ended
 from .http.ratelimit import JobSlots, RateLimiter
 from .http.replicas import TaskDirectory
 from .http.retention import RetentionSweeper
@@ -39,6 +42,7 @@ from .http.shutdown import Drain
 from .http.signing import Signer
 from .http.tasks import TaskControl, TaskRegistry
 from .http.upload import STATE_KEY as UPLOAD_STATE
+from .http.webhooks import Targets, Webhooks, WebhookStore
 from .settings import Settings, tags
 from .store import modelstore
 from .telemetry import metrics
@@ -76,32 +80,72 @@ class Front:
     """The operator's prompt styles (``SDXL_BENTO_STYLES_FILE``)."""
     a1111_options: OptionsStore | None = None
     """Each key's AUTOMATIC1111 settings (``/sdapi/v1/options``), in the state folder."""
+    events: EventLog | None = None
+    """Task events for ``/<task>/events`` (Server-Sent Events)."""
+    webhooks: Webhooks | None = None
+    progress: Progress | None = None
+    idempotency: Idempotency | None = None
+    replays: Replays | None = None
 
     @classmethod
-    def build(cls, settings: Settings, routes: RouteTable) -> Front:
-        secret = settings.internal_secret.get_secret_value() if settings.internal_secret else None
-        journal = TaskJournal(settings.state_dir / "tasks.db")
-        credentials = Credentials.load(settings.c2pa_cert, settings.c2pa_key) \
-            if settings.c2pa_cert and settings.c2pa_key else None
-        anchors = settings.c2pa_trust_anchors.read_text() if settings.c2pa_trust_anchors else None
-        return cls(settings=settings, routes=routes,
-                   keys=KeyFile(settings.keys_file) if settings.keys_file else None,
-                   signer=Signer.load(secret, settings.state_dir), images=ImageStore(settings.image_dir),
-                   journal=journal, tasks=TaskRegistry(journal), drain=Drain(settings.shutdown_grace_s),
-                   credentials=credentials,
-                   verifier=ManifestReader(trust_anchors=anchors, own=credentials.identity if credentials else None),
-                   styles=StyleBook(settings.styles_file),
-                   a1111_options=OptionsStore(settings.state_dir / "a1111-options.json"))
+    def build(cls, settings: Settings, routes: RouteTable, requests: Any = None) -> Front:
+        s = settings
+        secret = s.internal_secret.get_secret_value() if s.internal_secret else None
+        journal = TaskJournal(s.state_dir / "tasks.db")
+        keys = KeyFile(s.keys_file) if s.keys_file else None
+        images = ImageStore(s.image_dir)
+        credentials = Credentials.load(s.c2pa_cert, s.c2pa_key) if s.c2pa_cert and s.c2pa_key else None
+        anchors = s.c2pa_trust_anchors.read_text() if s.c2pa_trust_anchors else None
+        front = cls(settings=s, routes=routes, keys=keys, signer=Signer.load(secret, s.state_dir), images=images,
+                    journal=journal, tasks=TaskRegistry(journal), drain=Drain(s.shutdown_grace_s),
+                    credentials=credentials,
+                    verifier=ManifestReader(trust_anchors=anchors, own=credentials.identity if credentials else None),
+                    styles=StyleBook(s.styles_file), a1111_options=OptionsStore(s.state_dir / "a1111-options.json"))
+        front.events = EventLog(s.state_dir / "events.db")
+        front.webhooks = Webhooks(
+            WebhookStore(s.state_dir / "webhooks.db"), Targets(s.webhook_allow), secret_for=front.webhook_secret,
+            timeout_s=s.webhook_timeout_s, retry_base_s=s.webhook_retry_base_s, max_age_s=s.webhook_max_age_s,
+            progress_interval_s=s.webhook_progress_interval_s,
+            observe=lambda outcome: metrics().webhook_attempts.labels(outcome=outcome).inc())
+        front.progress = Progress(front.events, webhooks=front.webhooks, scheduler=lambda: front.tasks.scheduler)
+        front.tasks.events = front.progress
+        journal.listeners.append(task_ended(front.events, front.webhooks))
+        front.idempotency = make_idempotency(s.redis(), s.state_dir, ttl_s=s.idempotency_ttl_s,
+                                             lease_s=s.timeout + 120)
+        front.replays = Replays(images, requests)
+        return front
 
     def a1111_settings(self, principal: Principal) -> dict[str, Any]:
         """The caller's AUTOMATIC1111 options (``POST /sdapi/v1/options``): its key's, or everyone's without keys."""
         return self.a1111_options.get(owner_of(principal)) if self.a1111_options is not None else {}
+
+    def webhook_secret(self, owner: str | None) -> str | None:
+        """The ``whsec_`` secret that signs deliveries of ``owner``'s jobs: its key's (keys file), or without keys
+        the server's (``SDXL_BENTO_WEBHOOK_SECRET``, else made once in the state folder)."""
+        if self.keys is not None:
+            principal = self.keys.by_name(owner) if owner is not None else None
+            secret = getattr(principal, "webhook_secret", None)
+            return secret.get_secret_value() if secret is not None else None
+        if self.settings.webhook_secret is not None:
+            return self.settings.webhook_secret.get_secret_value()
+        return server_webhook_secret(self.settings.state_dir)
+
+    def prune_lifecycle(self, older_than_s: float) -> None:
+        """Events, webhook records and idempotency keys go with the tasks they belong to (retention sweep)."""
+        for prune in (lambda: self.events.prune(older_than_s), lambda: self.webhooks.store.prune(older_than_s),
+                      lambda: getattr(self.idempotency.backend, "prune", lambda: 0)()):
+            try:
+                prune()
+            except Exception:
+                logger.exception("lifecycle retention")
 
     def middlewares(self) -> list[tuple[type, dict[str, Any]]]:
         """In order, the outermost first: the gateway sees every request before the task routes do."""
         s = self.settings
         failed = lambda: metrics().redis_failed()  # noqa: E731
         directory = TaskDirectory(s.redis(), s.replica_url) if s.redis() and s.replica_url else None
+        sync = tuple(path for path, route in self.routes.generation.items()
+                     if route.negotiates and not route.task and not route.batch and path not in self.routes.task_prefixes)
         return [
             (Gateway, dict(keys=self.keys, routes=self.routes, signer=self.signer, drain=self.drain,
                            limiter=RateLimiter(s.redis(), on_redis_failure=failed),
@@ -109,9 +153,13 @@ class Front:
                            audit=AuditLog(s.audit_path(), max_bytes=s.audit_max_bytes, stdout=s.audit_stdout,
                                           prompts=s.audit_prompts),
                            max_body_bytes=s.max_body_bytes,
-                           task_cost=lambda task_id: getattr(self.journal.get(task_id), "cost_images", None))),
+                           task_cost=lambda task_id: getattr(self.journal.get(task_id), "cost_images", None),
+                           idempotency=self.idempotency, targets=self.webhooks.targets, wait_s=s.timeout + 60)),
+            (Lifecycle, dict(journal=self.journal, events=self.events, webhooks=self.webhooks,
+                             task_prefixes=self.routes.task_prefixes, generation_paths=sync, directory=directory,
+                             signer=self.signer, heartbeat_s=s.events_heartbeat_s)),
             (TaskControl, dict(registry=self.tasks, journal=self.journal, task_routes=self.routes.task_prefixes,
-                               signer=self.signer, directory=directory)),
+                               signer=self.signer, directory=directory, on_accepted=[task_accepted(self.webhooks)])),
         ]
 
     def principal(self, name: str | None) -> Principal:
@@ -171,6 +219,7 @@ class Runtime:
     refiner_tag: str | None
     checkpoint_tags: tuple[str, ...] = ()
     """The checkpoints the operator configured (the base and ``SDXL_BENTO_CHECKPOINTS``), as given."""
+    webhooks: Any = None
 
     def ready(self, front: Front) -> bool:
         """``/readyz``: not while shutting down, nor while a hot GPU has paused admission."""
@@ -181,6 +230,8 @@ class Runtime:
     def stop(self) -> None:
         self.retention.stop()
         self.scheduler.stop()
+        if self.webhooks is not None:
+            self.webhooks.stop()
 
     def refresh_checkpoints(self) -> list[str]:
         """Look the configured checkpoints up in the model store again (AUTOMATIC1111's refresh-checkpoints): a
@@ -208,6 +259,7 @@ def build_runtime(settings: Settings, front: Front, base: Any, refiner: Any, che
     from .gpu.accel import Acceleration
     from .gpu.checkers import load_checker
     from .gpu.engine import Engine, pick_device
+    from .gpu.environment import Environment
     from .gpu.scheduler import Scheduler
     from .gpu.thermal import NvmlSource, StaticSource, Throttle, start_gpu_telemetry
     from .gpu.vram import SDXL_FP16, VramBudget
@@ -249,6 +301,8 @@ def build_runtime(settings: Settings, front: Front, base: Any, refiner: Any, che
     scheduler = Scheduler(engine, max_batch_requests=s.concurrency, max_batch_images=s.max_batch_images,
                           max_jobs=s.max_concurrency, aging_per_minute=s.aging_per_minute, observer=metrics(),
                           throttle=throttle, budget=budget, is_loaded=engine.manager.is_loaded)
+    engine.preview_every = s.preview_every
+    engine.previewer = _previewer(s, engine)
     scheduler.seed_rate(rate)  # task ETAs from the first request on
     scheduler.start()
     front.tasks.scheduler = front.drain.scheduler = scheduler
@@ -256,7 +310,9 @@ def build_runtime(settings: Settings, front: Front, base: Any, refiner: Any, che
 
     retention = RetentionSweeper(front.images, front.journal, image_max_age_s=s.image_retention_s,
                                  image_max_bytes=s.image_store_max_bytes, task_max_age_s=s.task_retention_s,
-                                 interval_s=s.retention_sweep_s, on_sweep=metrics().observe_retention,
+                                 interval_s=s.retention_sweep_s, on_sweep=lambda stats, pruned: (
+                                     metrics().observe_retention(stats, pruned),
+                                     front.prune_lifecycle(s.task_retention_s)),
                                  runner_db=Path(BentoMLContainer.result_store_file.get()))
     retention.start()
 
@@ -297,7 +353,48 @@ def build_runtime(settings: Settings, front: Front, base: Any, refiner: Any, che
         policy=PromptPolicy.load(s.policy_file) if s.policy_file else None,
         resolve_model=engine.manager.resolve, has_lora=lambda name: find_lora(name) is not None,
         max_upload_bytes=s.max_upload_bytes, sign_link=front.image_link if front.keys is not None else None,
-        provenance=provenance, weights_sha256=weights_sha256, styles=front.styles)
+        provenance=provenance, weights_sha256=weights_sha256, styles=front.styles,
+        describe=Environment(engine, s.state_dir, refiner=refiner).describe)
+    front.webhooks.start()
     return Runtime(engine=engine, scheduler=scheduler, generation=generation, throttle=throttle,
                    retention=retention, refiner_tag=refiner.tag if refiner else None,
-                   checkpoint_tags=(s.base_model, *tags(s.checkpoints)))
+                   checkpoint_tags=(s.base_model, *tags(s.checkpoints)), webhooks=front.webhooks)
+
+
+def _previewer(settings: Settings, engine: Any) -> Any:
+    """TAESD-XL when it is in the model store, else SDXL's linear latent-to-RGB approximation."""
+    from .gpu.previews import LinearPreview, TaesdPreview
+
+    stored = modelstore.find(settings.preview_model)
+    if stored is not None and stored.metadata.get("role") == "preview":
+        try:
+            previewer = TaesdPreview(stored.path, engine.device, engine.dtype, size=settings.preview_size)
+            logger.info("previews decoded by %s (TAESD)", stored.tag)
+            return previewer
+        except Exception:
+            logger.exception("TAESD %s could not be loaded; previews use the linear approximation", stored.tag)
+    return LinearPreview(size=settings.preview_size)
+
+
+def server_webhook_secret(state_dir: Path) -> str:
+    """This server's own webhook secret, made once in the state folder (mode 0600) and shared by its workers."""
+    import os
+    import time
+
+    from .http.auth import new_webhook_secret
+
+    path = Path(state_dir) / "webhook-secret"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for _ in range(50):  # another worker is writing it
+            value = path.read_text().strip()
+            if value:
+                return value
+            time.sleep(0.02)
+        raise RuntimeError(f"{path} is empty: delete it, or set SDXL_BENTO_WEBHOOK_SECRET")
+    value = new_webhook_secret()
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value

@@ -36,6 +36,19 @@ class Approximation(str, Enum):
     """Approximate: the UNet's deep features are reused between steps. Faster, and changes the image."""
 
 
+class WebhookEvent(str, Enum):
+    completed = "job.completed"
+    failed = "job.failed"
+    cancelled = "job.cancelled"
+    progress = "job.progress"
+    """Throttled (``SDXL_BENTO_WEBHOOK_PROGRESS_INTERVAL_S``); only when asked for."""
+
+
+LIFECYCLE_FIELDS = frozenset({"webhook", "webhook_events"})
+"""Request fields that say whom to tell, not what to generate: outside cache keys, manifests and the echo of
+parameters."""
+
+
 class OutputFormat(str, Enum):
     png = "png"
     jpeg = "jpeg"
@@ -170,6 +183,32 @@ class _Request(BaseModel):
         """One seed per image: the given seed, then seed+1, ...; a random start when none was given."""
         start = self.seed if self.seed is not None else secrets.randbelow(MAX_SEED + 1)
         return [(start + i) % (MAX_SEED + 1) for i in range(count)]
+
+    # -- the job lifecycle (issue 17): not generation parameters (``LIFECYCLE_FIELDS``) ---------------
+    webhook: Annotated[Optional[str], Field(max_length=2048, description="Notify this URL (http or https) when the "
+                                                                         "job ends, signed per Standard Webhooks; "
+                                                                         "default: the key's.")] = None
+    webhook_events: Annotated[Optional[list[WebhookEvent]], Field(
+        max_length=4, description="Which events to deliver; default: job.completed, job.failed, job.cancelled "
+                                  "(job.progress, throttled, only when asked).")] = None
+
+    @model_validator(mode="after")
+    def _check_webhook(self) -> "_Request":
+        if self.webhook is not None:
+            from urllib.parse import urlsplit
+
+            parts = urlsplit(self.webhook)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("webhook must be an http:// or https:// URL with a host")
+            if parts.username or parts.password:
+                raise ValueError("webhook must not carry a user name or password")
+            try:
+                parts.port
+            except ValueError:
+                raise ValueError("webhook has an invalid port") from None
+        if self.webhook_events is not None and len(set(self.webhook_events)) != len(self.webhook_events):
+            raise ValueError("webhook_events names an event twice")
+        return self
 
 
 class _Styled(_Request):
@@ -398,3 +437,20 @@ class BatchItem(BaseModel):
     ok: bool
     result: Optional[GenerateResponse] = None
     error: Optional[ErrorInfo] = None
+
+
+class ReplayRequest(BaseModel):
+    """``POST /replay``: generate a stored image again, from its id or from its manifest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_id: Annotated[Optional[uuid.UUID], Field(description="An image of yours whose manifest to replay.")] = None
+    manifest: Annotated[Optional[dict[str, Any]], Field(description="A manifest (``GET /images/{id}/manifest``).")] = (
+        None)
+    return_base64: Annotated[bool, Field(description="Also return the new image as base64.")] = False
+
+    @model_validator(mode="after")
+    def _check_source(self) -> "ReplayRequest":
+        if (self.image_id is None) == (self.manifest is None):
+            raise ValueError("give exactly one of image_id and manifest")
+        return self

@@ -210,9 +210,48 @@ class Settings(BaseSettings):
 
     c2pa_trust_anchors: Optional[Path] = None
     """PEM root certificates that ``/verify`` and ``sdxl-bento verify`` trust besides the C2PA library's own."""
+
     styles_file: Optional[Path] = None
     """Prompt styles (AUTOMATIC1111's styles.csv, or YAML/JSON: name, prompt, negative_prompt), re-read when it
     changes; requests name them in ``styles``. None: no styles."""
+
+    # -- the job lifecycle: webhooks, live progress, idempotency, replay (issue 17) ----------------
+    webhook_allow: str = ""
+    """Webhook targets allowed although not public (comma-separated CIDRs such as ``127.0.0.0/8,::1/128``, or
+    ``loopback``, ``private``, ``link-local``); empty: only public addresses. Names are resolved first and every
+    address they resolve to must pass; the delivery connects to the address that was checked."""
+
+    webhook_secret: Optional[SecretStr] = None
+    """``whsec_...`` signing deliveries of requests made without a key (no keys file); unset: one is made once
+    in the state folder (``webhook-secret``, mode 0600). With keys, each key signs with its own secret."""
+
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=120)
+    """Seconds one delivery attempt may take (connect and answer); longer counts as a failed attempt."""
+
+    webhook_retry_base_s: float = Field(default=5.0, gt=0, le=3600)
+    """First retry after about this long; each later one waits twice as long (with jitter), up to an hour."""
+
+    webhook_max_age_s: float = Field(default=24 * 3600, ge=1, le=7 * 86_400)
+    """A delivery is retried until this long after its event; then it is given up (``failed``)."""
+
+    webhook_progress_interval_s: float = Field(default=5.0, ge=0.5, le=3600)
+    """``job.progress`` deliveries (when asked for) come at most this often per job."""
+
+    events_heartbeat_s: float = Field(default=15.0, ge=0.05, le=300)
+    """Server-Sent Events: a comment line this often keeps proxies from closing an idle stream."""
+
+    preview_every: int = Field(default=5, ge=0, le=100)
+    """A preview image in the event stream every this many denoising steps (0: none)."""
+
+    preview_size: int = Field(default=128, ge=32, le=512)
+    """Longest side of preview images, in pixels."""
+
+    preview_model: str = "sdxl-taesd:latest"
+    """Model store tag of TAESD-XL (``sdxl-bento models import madebyollin/taesdxl --role preview``): previews
+    decoded by it when present, else by SDXL's linear latent-to-RGB approximation."""
+
+    idempotency_ttl_s: float = Field(default=24 * 3600, ge=60, le=7 * 86_400)
+    """How long an ``Idempotency-Key`` and its answer are kept."""
 
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":

@@ -62,6 +62,9 @@ class Metrics:
         self.build_info = Gauge("sdxl_build_info", "1, labelled with the versions this worker runs with.",
                                 list(info), multiprocess_mode="max")
         self.build_info.labels(**info).set(1)
+        self.idempotent_replays = Counter("sdxl_idempotent_replays", "Requests answered with the stored answer of an "
+                                          "earlier request with the same Idempotency-Key (no second run).")
+        self.webhook_attempts = Counter("sdxl_webhook_attempts", "Webhook delivery attempts, by outcome.", ["outcome"])
 
     def observe_batch(self, images: int, steps: int, seconds: float) -> None:
         self.batch_size.observe(images)

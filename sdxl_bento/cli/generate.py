@@ -1,7 +1,8 @@
 """``sdxl-bento generate``: one prompt to image files, through a running service's task API.
 
-Submit (``POST /jobs/submit``), poll ``GET /jobs/status`` (queue position, then a progress bar over
-the denoising steps), fetch ``GET /jobs/get`` and download each image from its ``url``. Ctrl-C
+Submit (``POST /jobs/submit``), follow the task's Server-Sent Events ``GET /jobs/events`` (queue position,
+then a progress bar over the denoising steps; a dropped stream resumes with ``Last-Event-ID``; a server without
+events is polled at ``GET /jobs/status``), fetch ``GET /jobs/get`` and download each image from its ``url``. Ctrl-C
 cancels the task on the server (``PUT /jobs/cancel``) before exiting. ``--json`` prints one JSON
 object (task id, seeds, files) and no progress. Server errors are printed as plain sentences and
 exit with 1.
@@ -80,8 +81,47 @@ def _checked(response: httpx.Response) -> Any:
     return response.json()
 
 
+TERMINAL = {"completed": "completed", "failed": "failed", "cancelled": "canceled"}
+"""A terminal event of the task's stream -> the task's status."""
+RECONNECTS = 20
+
+
+def _follow(client: httpx.Client, task_id: str, update: Any) -> str | None:
+    """Follow the task's Server-Sent Events (``GET /jobs/events``) until its terminal event; its final status.
+    A dropped stream is resumed with ``Last-Event-ID`` (nothing is missed). None when the server has no event
+    stream (an older one): the caller polls instead."""
+    from httpx_sse import SSEError, connect_sse
+
+    last, failures = None, 0
+    while failures <= RECONNECTS:
+        headers = {"Last-Event-ID": last} if last else {}
+        try:
+            with connect_sse(client, "GET", "/jobs/events", params={"task_id": task_id}, headers=headers,
+                             timeout=httpx.Timeout(60, read=120)) as source:
+                if source.response.status_code in (404, 405) and last is None:
+                    source.response.read()
+                    if "text/event-stream" not in source.response.headers.get("content-type", ""):
+                        return None
+                if source.response.status_code >= 400:
+                    source.response.read()
+                    raise Failure(error_sentence(source.response))
+                for event in source.iter_sse():
+                    if event.id:
+                        last = event.id
+                    if event.event in TERMINAL:
+                        return TERMINAL[event.event]
+                    data = json.loads(event.data) if event.data else {}
+                    if event.event in ("queued", "running"):
+                        update(data)
+        except (httpx.TransportError, SSEError):
+            pass
+        failures += 1
+        time.sleep(min(2.0, 0.1 * failures))
+    raise Failure(f"lost the event stream of task {task_id}")
+
+
 def _wait(client: httpx.Client, task_id: str, show: bool) -> str:
-    """Poll until the task ends; its final status."""
+    """Follow the task until it ends (its event stream, else polling its status); its final status."""
     progress = None
     if show:
         from rich.console import Console
@@ -91,18 +131,25 @@ def _wait(client: httpx.Client, task_id: str, show: bool) -> str:
                             TextColumn("{task.fields[eta]}"), console=Console(stderr=True), transient=True)
         progress.start()
         bar = progress.add_task("submitted", total=None, eta="")
+    def update(status: dict[str, Any]) -> None:
+        if progress is None:
+            return
+        eta = f"eta {status['eta_s']:.0f} s" if isinstance(status.get("eta_s"), (int, float)) else ""
+        if status.get("state") == "running" and status.get("total_steps"):
+            progress.update(bar, description="denoising", total=status["total_steps"],
+                            completed=status.get("step") or 0, eta=eta)
+        elif status.get("queue_position") is not None:
+            progress.update(bar, description=f"queued (position {status['queue_position'] + 1})", eta=eta)
+
     try:
+        followed = _follow(client, task_id, update)
+        if followed is not None:
+            return followed
         while True:
             status = _checked(client.get("/jobs/status", params={"task_id": task_id}))
             if status.get("status") != "in_progress":
                 return str(status.get("status"))
-            if progress is not None:
-                eta = f"eta {status['eta_s']:.0f} s" if isinstance(status.get("eta_s"), (int, float)) else ""
-                if status.get("state") == "running" and status.get("total_steps"):
-                    progress.update(bar, description="denoising", total=status["total_steps"],
-                                    completed=status.get("step") or 0, eta=eta)
-                elif status.get("queue_position") is not None:
-                    progress.update(bar, description=f"queued (position {status['queue_position'] + 1})", eta=eta)
+            update(status)
             time.sleep(POLL_S)
     finally:
         if progress is not None:

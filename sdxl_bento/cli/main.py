@@ -18,6 +18,8 @@ def _import(args: argparse.Namespace) -> int:
     source = args.source or store.DEFAULT_SOURCES[args.role]
     if args.role == "safety":
         tag = store.import_checker(source, args.kind, tag=args.tag, synthetic=args.synthetic)
+    elif args.role == "preview":
+        tag = store.import_preview(source, tag=args.tag)
     else:
         tag = store.import_pipeline(source, args.role, tag=args.tag, dtype=args.dtype, config=args.config)
     print(f"imported {source} as {tag} ({args.role})")
@@ -28,6 +30,8 @@ def _synth(args: argparse.Namespace) -> int:
     for tag in store.save_synthetic(args.preset, refiner=args.refiner, base_tag=args.tag,
                                     refiner_tag=args.refiner_tag, seed=args.seed):
         print(f"saved synthetic {args.preset} model {tag} (random weights: for testing and timing only)")
+    if args.preview:
+        print(f"saved synthetic preview decoder {store.save_synthetic_preview(seed=args.seed)} (a tiny TAESD)")
     return 0
 
 
@@ -55,11 +59,23 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _keys_add(args: argparse.Namespace) -> int:
-    from ..http.auth import add_key
+    from ..http.auth import add_key, new_webhook_secret
 
-    key = add_key(args.file, args.name, args.tier)
-    print(f"added key {args.name!r} (tier {args.tier}) to {args.file}; its sha256 is stored, the key is shown once:")
+    secret = new_webhook_secret()
+    key = add_key(args.file, args.name, args.tier, webhook_secret=secret)
+    print(f"added key {args.name!r} (tier {args.tier}) to {args.file}; both are shown once.")
+    print(f"webhook signing secret (Standard Webhooks; your receiver verifies deliveries with it): {secret}")
+    print("API key (only its sha256 is stored):")
     print(key)
+    return 0
+
+
+def _keys_webhook_secret(args: argparse.Namespace) -> int:
+    from ..http.auth import set_webhook_secret
+
+    secret = set_webhook_secret(args.file, args.name)
+    print(f"new webhook signing secret of key {args.name!r} in {args.file} (shown once; the old one no longer signs):")
+    print(secret)
     return 0
 
 
@@ -90,6 +106,7 @@ def parser() -> argparse.ArgumentParser:
     syn.add_argument("--tag", help="base model name (default: sdxl-base)")
     syn.add_argument("--refiner-tag", help="refiner model name (default: sdxl-refiner)")
     syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--preview", action="store_true", help="also save a tiny TAESD preview decoder (sdxl-taesd)")
     syn.set_defaults(run=_synth)
 
     lora = cmds.add_parser("import-lora", help="import a LoRA (.safetensors file, folder or hub id) into the store")
@@ -110,6 +127,11 @@ def parser() -> argparse.ArgumentParser:
     add.add_argument("--file", type=Path, default=Path(os.environ.get("SDXL_BENTO_KEYS_FILE", "keys.yaml")),
                      help="keys file, YAML or TOML (default: $SDXL_BENTO_KEYS_FILE or ./keys.yaml)")
     add.set_defaults(run=_keys_add)
+    rotate = keys_cmds.add_parser("webhook-secret", help="give a key a new webhook signing secret (shown once)")
+    rotate.add_argument("name")
+    rotate.add_argument("--file", type=Path, default=Path(os.environ.get("SDXL_BENTO_KEYS_FILE", "keys.yaml")),
+                        help="keys file (YAML)")
+    rotate.set_defaults(run=_keys_webhook_secret)
     cli_generate.register(groups)
     cli_verify.register(groups)
     return top

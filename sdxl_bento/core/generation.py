@@ -23,6 +23,7 @@ from PIL import Image
 from .. import samplers
 from ..errors import (
     Cancelled,
+    ContentFiltered,
     DeadlineExceeded,
     GenerationFailed,
     InvalidRequest,
@@ -33,6 +34,7 @@ from ..errors import (
 from ..gpu.scheduler import Job, Scheduler
 from ..jobs import BatchKey, Hires, Work
 from ..schemas import (
+    LIFECYCLE_FIELDS,
     BatchItem,
     ErrorInfo,
     GenerateRequest,
@@ -44,7 +46,7 @@ from ..schemas import (
     RefineRequest,
     Timings,
 )
-from . import imageops
+from . import imageops, manifest
 from .cache import CachedImage, Coalescer, ResultCache, cache_key
 from .images import MEDIA_TYPES, ImageStore, encode, infotext
 from .policy import OPEN_PRINCIPAL, Admission, Principal, check_size, max_pixels, may_use, owner_of, police
@@ -80,6 +82,10 @@ class RequestContext:
     audit: dict[str, Any] = field(default_factory=dict)
     on_submit: Callable[[list[Job]], None] | None = None
     received: float = field(default_factory=time.monotonic)
+    no_cache: bool = False
+    """Generate even when the result cache holds the answer (a replay must run)."""
+    previews: bool = False
+    """Make preview images while it denoises (a task, whose events someone may follow)."""
 
 
 @dataclass
@@ -100,7 +106,8 @@ class Generation:
                  watermarker: Watermarker | None = None, resolve_model: Callable[[str], str] | None = None,
                  has_lora: Callable[[str], bool] | None = None, max_upload_bytes: int = 12 * 2**20,
                  sign_link: Callable[[str], str] | None = None, provenance: Provenance | None = None,
-                 weights_sha256: Callable[[str], str | None] | None = None, styles: StyleBook | None = None) -> None:
+                 weights_sha256: Callable[[str], str | None] | None = None, styles: StyleBook | None = None,
+                 describe: Callable[[BatchKey], dict[str, Any]] | None = None) -> None:
         self.scheduler = scheduler
         self.images = images
         self.models = models
@@ -126,6 +133,9 @@ class Generation:
         """A model or LoRA tag -> its weights' sha256, for the manifests."""
         self.styles = styles or StyleBook(None)
         """The operator's prompt styles (``styles: [...]`` in requests)."""
+        self.describe = describe
+        """A batch key -> what ran it (models and LoRAs with their weights' sha256, scheduler configuration,
+        versions, device, acceleration): the environment part of each image's manifest (``manifest.py``)."""
 
     # -- requests to works -------------------------------------------------------------------
     def _style(self, req: GenerateRequest | Img2ImgRequest) -> dict[str, Any]:
@@ -240,7 +250,7 @@ class Generation:
     def _cache_key(self, req: Request, work: Work, principal: Principal) -> str | None:
         if self.cache is None or (req.seed is None and not self.cache_unseeded):
             return None
-        params = req.model_dump(mode="json", exclude={"return_base64", "caller"})
+        params = req.model_dump(mode="json", exclude={"return_base64", "caller", *LIFECYCLE_FIELDS})
         params["seeds"] = work.seeds
         if work.subseeds:
             params["subseeds"] = work.subseeds
@@ -253,12 +263,12 @@ class Generation:
     async def run(self, req: Request, ctx: RequestContext) -> Outcome:
         """One request: from the cache, joined to an identical one in flight, or generated."""
         ctx.audit["parameters"] = req.model_dump(mode="json", exclude={"prompt", "negative_prompt", "return_base64",
-                                                                       "image", "mask"})
+                                                                       "image", "mask", *LIFECYCLE_FIELDS})
         try:
             req = self.styled(req)
             admission = self.admit(req, ctx)
             work = self.work(req, ctx.principal)
-            key = self._cache_key(req, work, ctx.principal)
+            key = None if ctx.no_cache else self._cache_key(req, work, ctx.principal)
             if key is None:
                 outcome = await self._generate(req, work, ctx, admission)
             else:
@@ -322,12 +332,14 @@ class Generation:
 
     async def _generate(self, req: Request, work: Work, ctx: RequestContext, admission: Admission) -> Outcome:
         timeout = min(self.timeout, admission.deadline_s)
+        work.previews = work.previews or ctx.previews
         (job,) = self.scheduler.submit([work], timeout=timeout, priority=admission.priority)
         if ctx.on_submit is not None:
             ctx.on_submit([job])
         images = await self.wait(job, timeout)
         stored = await asyncio.to_thread(self.store, job.work, images, req, owner_of(ctx.principal),
-                                         self._edit_source(req) if self.provenance is not None else None)
+                                         self._edit_source(req) if self.provenance is not None else None,
+                                         batch_images=job.batch_images)
         return Outcome(images=stored, queue_s=job.queue_seconds, gpu_s=job.run_seconds, model=work.key.model)
 
     def _edit_source(self, req: Request) -> Callable[[], Source | None] | None:
@@ -370,17 +382,32 @@ class Generation:
             raise
 
     def store(self, work: Work, images: list[Any], req: Request, owner: str | None = None,
-              source: Callable[[], Source | None] | None = None) -> list[CachedImage]:
+              source: Callable[[], Source | None] | None = None, *,
+              batch_images: int | None = None) -> list[CachedImage]:
         """Check each image (before it is stored, cached or returned), watermark it, encode it with its own
         parameters, sign it (C2PA, when configured; ``source``: what an edit started from) and save it. A
         withheld image keeps its place, with no id and no data."""
         key, fmt = work.key, req.output_format.value
         origin = source() if source is not None else None
         flagged = [False] * len(images)
-        if self.guard is not None and req.safety_check:
+        checked = self.guard is not None and req.safety_check
+        if checked:
             with self._guard_lock:  # one checker model, one caller at a time
                 images, verdicts = self.guard.review(images)
             flagged = [v.flagged for v in verdicts]
+        environment = self.describe(key) if self.describe is not None else None
+        postprocess = {"watermark": bool(self.watermarker and self.watermarker.enabled), "safety_check": checked,
+                       "safety_action": self.guard.action if checked else None}
+        index = {seed: i for i, seed in enumerate(work.seeds)}
+
+        def manifest_of(seed: int, image: Any, data: bytes, was_flagged: bool) -> dict[str, Any] | None:
+            if environment is None:
+                return None
+            pixels = manifest.pixels_sha256(image) if fmt == "png" else manifest.pixels_sha256(
+                Image.open(io.BytesIO(data)))
+            return manifest.build(req, key, seed, index[seed], environment, fmt=fmt, data=data, pixels=pixels,
+                                  width=image.width, height=image.height, batch_images=batch_images or len(images),
+                                  postprocess={**postprocess, "flagged": was_flagged})
 
         subseeds = work.subseeds or [None] * len(work.seeds)
         width, height = (key.hires.width, key.hires.height) if key.hires is not None else (key.width, key.height)
@@ -396,7 +423,8 @@ class Generation:
             data = encode(image, fmt, req.quality, text)
             if self.provenance is not None:
                 data = self._sign(data, fmt, self._claim(req, key, text, origin))
-            return CachedImage(id=self.images.save(data, fmt, owner=owner), seed=seed, media_type=MEDIA_TYPES[fmt],
+            saved = self.images.save(data, fmt, owner=owner, manifest=manifest_of(seed, image, data, was_flagged))
+            return CachedImage(id=saved, seed=seed, media_type=MEDIA_TYPES[fmt],
                                width=image.width, height=image.height, parameters=text, data=data,
                                finish_reason=reason)
 
@@ -521,7 +549,8 @@ class Generation:
         async def finish(req: GenerateRequest, ctx: RequestContext, job: Job, timeout: float) -> BatchItem:
             try:
                 images = await self.wait(job, timeout)
-                stored = await asyncio.to_thread(self.store, job.work, images, req, owner_of(ctx.principal))
+                stored = await asyncio.to_thread(self.store, job.work, images, req, owner_of(ctx.principal),
+                                                 batch_images=job.batch_images)
             except ServiceError as exc:
                 return _failure(exc)
             outcome = Outcome(images=stored, queue_s=job.queue_seconds, gpu_s=job.run_seconds, model=job.work.key.model)
@@ -554,9 +583,69 @@ class Generation:
             cache=outcome.cache,
             timings=Timings(queue_s=round(outcome.queue_s, 4), generate_s=round(outcome.gpu_s, 4),
                             total_s=round(time.monotonic() - ctx.received, 4)),
-            parameters={**req.model_dump(mode="json", exclude={"return_base64", "image", "mask"}),
+            parameters={**req.model_dump(mode="json", exclude={"return_base64", "image", "mask", *LIFECYCLE_FIELDS}),
                         "seeds": [i.seed for i in outcome.images]},
         )
+
+
+class Replays:
+    """``POST /replay``: a stored image's manifest (or a given one) run again, and the two compared."""
+
+    def __init__(self, images: ImageStore, requests: Any = None) -> None:
+        self.images = images
+        self.requests = requests
+        """``schemas.Requests`` with the operator's limits."""
+
+    def source(self, body: Any, principal: Principal) -> tuple[dict[str, Any], str | None]:
+        """The manifest to replay and the id of its image when the caller may read it."""
+        images = self.images
+        if body.image_id is not None:
+            image_id = str(body.image_id)
+            if not may_use(principal, images.info(image_id).owner):
+                raise NotFound(f"no image with id {image_id}")
+            return images.manifest(image_id), image_id
+        given = body.manifest
+        image = given.get("image") if isinstance(given, dict) else None
+        image_id = image.get("id") if isinstance(image, dict) else None
+        try:
+            if isinstance(image_id, str) and may_use(principal, images.info(image_id).owner):
+                return given, str(image_id)
+        except ServiceError:
+            pass
+        return given, None
+
+    def requests_of(self, body: Any, principal: Principal) -> list[Any]:
+        """The typed request a replay runs (what the gateway polices), from the raw body."""
+        from ..schemas import ReplayRequest
+
+        found, _ = self.source(ReplayRequest.model_validate(body), principal)
+        return [manifest.request_from(found, self.requests)]
+
+    async def run(self, body: Any, ctx: RequestContext, generation: Generation) -> dict[str, Any]:
+        found, original_id = self.source(body, ctx.principal)
+        req = manifest.request_from(found, self.requests)
+        ctx.no_cache = True
+        outcome = await generation.run(req, ctx)
+        (image,) = outcome.images
+        if not image.data:
+            raise ContentFiltered("the replayed image was withheld by the safety check",
+                                  finish_reason="content_filtered", seed=image.seed)
+        replayed = self.images.manifest(image.id)
+        original = None
+        if original_id is not None:
+            path, _ = self.images.find(original_id)
+            original = await asyncio.to_thread(path.read_bytes)
+        image_facts = found.get("image")
+        pixels = image_facts.get("pixels_sha256") if isinstance(image_facts, dict) else None
+        pixels = pixels if isinstance(pixels, str) else None
+        comparison = await asyncio.to_thread(manifest.compare, original, image.data, pixels)
+        result = ImageResult(id=image.id, url=generation.url(image.id, ctx.principal), seed=image.seed,
+                             width=image.width, height=image.height, format=req.output_format,
+                             finish_reason=image.finish_reason,
+                             base64=base64.b64encode(image.data).decode() if body.return_base64 else None)
+        return {**comparison, "original_image_id": original_id, "image": result.model_dump(mode="json"),
+                "differences": manifest.differences(found, replayed), "manifest": replayed,
+                "timings": {"queue_s": round(outcome.queue_s, 4), "generate_s": round(outcome.gpu_s, 4)}}
 
 
 def _failure(exc: ServiceError) -> BatchItem:

@@ -126,12 +126,15 @@ class ImageStore:
         self.root = Path(root).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def save(self, data: bytes, fmt: str, owner: str | None = None) -> str:
-        """Write the sidecar, then the image, each atomically (temporary file, then rename); return the new id."""
+    def save(self, data: bytes, fmt: str, owner: str | None = None, manifest: dict[str, Any] | None = None) -> str:
+        """Write the sidecar, then the image, each atomically (temporary file, then rename); return the new id.
+        ``manifest`` (``core/manifest.py``) is kept in the sidecar, so it goes when the image goes."""
         if fmt not in MEDIA_TYPES:
             raise ValueError(f"unknown image format {fmt!r}")
         image_id, created = str(uuid.uuid4()), time.time()
         meta = {"owner": owner, "created": created, "bytes": len(data), "format": fmt}
+        if manifest is not None:
+            meta["manifest"] = manifest
         self._write(f"{image_id}.json", json.dumps(meta).encode())
         self._write(f"{image_id}.{fmt}", data, mtime=created)
         return image_id
@@ -160,6 +163,26 @@ class ImageStore:
             logger.warning("image %s: unreadable sidecar (%s)", canonical, exc)
             raise NotFound(f"no image with id {canonical}") from None
         return StoredImage(path=path, media_type=MEDIA_TYPES[fmt], owner=owner, created=created)
+
+    def manifest(self, image_id: str) -> dict[str, Any]:
+        """The image's manifest with its id and time; NotFound when the image has none (made before manifests, or
+        copied in from another replica's cache)."""
+        canonical = parse_id(image_id)
+        self._locate(canonical)
+        try:
+            meta = json.loads((self.root / f"{canonical}.json").read_bytes())
+        except (OSError, ValueError):
+            meta = {}
+        manifest = meta.get("manifest") if isinstance(meta, dict) else None
+        if not isinstance(manifest, dict):
+            raise NotFound(f"image {canonical} has no manifest")
+        image = {**manifest.get("image", {}), "id": canonical}
+        created = meta.get("created")
+        if isinstance(created, (int, float)):
+            from datetime import datetime, timezone
+
+            created = datetime.fromtimestamp(created, timezone.utc).isoformat()
+        return {**manifest, "image": image, "created": created}
 
     def load(self, image_id: str) -> Image.Image:
         path, _ = self.find(image_id)

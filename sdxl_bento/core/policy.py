@@ -15,8 +15,10 @@ key (or an operator key) reads, cancels, retries or reuses it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, get_type_hints
+
+from pydantic import SecretStr
 
 from ..errors import Forbidden
 from ..schemas import GenerateRequest, Img2ImgRequest, RefineMode, RefineRequest
@@ -93,6 +95,12 @@ class Principal:
     anonymous: bool = False
     """No keys file: nobody is identified, so nothing is owned. A property of the caller, not of the tier's
     name: a keys file may well define a tier called ``open``."""
+    webhook: str | None = None
+    """The key's default webhook URL (the keys file's ``webhook``), for requests that name none."""
+    webhook_events: tuple[str, ...] | None = None
+    """The key's default ``webhook_events``; None: completed, failed and cancelled."""
+    webhook_secret: SecretStr | None = field(default=None, repr=False, compare=False)
+    """``whsec_...``: signs this key's webhook deliveries (Standard Webhooks); never in a repr or a log."""
 
 
 OPEN_PRINCIPAL = Principal("anonymous", OPEN_TIER, "", anonymous=True)

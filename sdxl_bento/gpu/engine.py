@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from ..errors import InvalidRequest
-from ..jobs import APPROXIMATIONS, KINDS, BatchKey, StepCallback, Work
+from ..jobs import APPROXIMATIONS, KINDS, BatchKey, PreviewCallback, StepCallback, Work
 from ..samplers import BY_NAME as SAMPLERS
 from ..store.modelstore import StoredPipeline
 from . import accel, features
@@ -107,6 +107,10 @@ class Engine:
         if self.acceleration.compile != "off" and self.acceleration.compile_cache is not None:
             accel.use_compile_cache(self.acceleration.compile_cache)
         self.deepcache_interval = deepcache_interval
+        self.preview_every = 5
+        """A preview every this many steps, for batches that ask (``generate(on_preview=...)``); 0: none."""
+        self.previewer: Any = None
+        """Latents -> JPEGs (``previews.LinearPreview`` or ``TaesdPreview``); the linear one when unset."""
         self._decoders: "weakref.WeakKeyDictionary[Any, Decoder]" = weakref.WeakKeyDictionary()
         self.manager = manager or ModelManager(self.device, self.dtype, budget_bytes=budget_bytes,
                                                acceleration=self.acceleration)
@@ -187,8 +191,10 @@ class Engine:
         if key.mask_padding is not None and key.kind != "inpaint":
             raise InvalidRequest("mask_padding: for inpainting only", field="mask_padding")
 
-    def generate(self, works: list[Work], on_step: StepCallback | None = None) -> list[list[Any]]:
-        """Run works sharing one batch key as one pipeline call; returns PIL images per work."""
+    def generate(self, works: list[Work], on_step: StepCallback | None = None,
+                 on_preview: PreviewCallback | None = None) -> list[list[Any]]:
+        """Run works sharing one batch key as one pipeline call; returns PIL images per work. ``on_preview`` gets
+        a small JPEG of each image every ``preview_every`` steps (never the last: the image itself follows)."""
         if not works:
             return []
         key = works[0].key
@@ -228,6 +234,8 @@ class Engine:
             done += 1
             if on_step is not None:
                 on_step(min(done, total), total)
+            if on_preview is not None and self.preview_every and done % self.preview_every == 0 and done < total:
+                self._preview(on_preview, kwargs.get("latents"), min(done, total), total)
             return kwargs
 
         common = dict(prompt=prompts, negative_prompt=negatives, guidance_scale=key.guidance_scale,
@@ -332,6 +340,21 @@ class Engine:
             out.append(images[start:start + w.num_images])
             start += w.num_images
         return out
+
+    def _preview(self, on_preview: PreviewCallback, latents: Any, done: int, total: int) -> None:
+        """Previews never fail a generation: a decoder that breaks is logged and this preview skipped."""
+        if latents is None:
+            return
+        if self.previewer is None:
+            from .previews import LinearPreview
+
+            self.previewer = LinearPreview()
+        try:
+            images = self.previewer(latents)
+        except Exception:
+            logger.exception("preview at step %d failed", done)
+            return
+        on_preview(done, total, images)
 
     def _decoder(self, vae: Any) -> Decoder | None:
         if self.acceleration.vae_dtype is None:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+
 # -- tiling ------------------------------------------------------------------------------------------------------
 @contextmanager
 def circular(*modules: Any) -> Iterator[int]:

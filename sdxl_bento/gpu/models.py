@@ -225,6 +225,11 @@ class ModelManager:
                 })
             return rows
 
+    def stored(self, tag: str = "") -> StoredPipeline:
+        """The model store entry of a registered checkpoint (``resolve``'s rules)."""
+        with self._lock:
+            return self._registered[self.resolve(tag)][0]
+
     def get(self, tag: str = "") -> LoadedPipeline | None:
         """The loaded pipeline for ``tag`` without loading it (None when not loaded)."""
         with self._lock:

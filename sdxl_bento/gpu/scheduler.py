@@ -60,6 +60,25 @@ class Job:
     finished: float | None = None
     future: Future = field(default_factory=Future)
     _cancel: threading.Event = field(default_factory=threading.Event)
+    _listeners: list[Callable[[str, dict[str, Any]], None]] = field(default_factory=list)
+    wants_previews: bool = False
+    """A listener asked for preview images (the engine makes them only then)."""
+    batch_images: int = 0
+    """Images of the pipeline call that ran the job (its own and its batch mates'): numerics may depend on it."""
+
+    def listen(self, listener: Callable[[str, dict[str, Any]], None], *, previews: bool = False) -> None:
+        """Call ``listener(kind, info)`` from the scheduler's thread as the job moves: ``running``
+        (``total_steps``), ``step`` (``step``, ``total_steps``), ``preview`` (``step``, ``total_steps``, ``images``:
+        one JPEG per image of the job), ``ended`` (``state``). It must be quick and is never allowed to fail the job."""
+        self._listeners.append(listener)
+        self.wants_previews = self.wants_previews or previews
+
+    def _emit(self, kind: str, **info: Any) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(kind, info)
+            except Exception:
+                logger.exception("listener of job %s failed on %s", self.id, kind)
 
     @property
     def cancel_requested(self) -> bool:
@@ -295,17 +314,36 @@ class Scheduler:
 
     def _run(self, batch: list[Job]) -> None:
         started = self._batch_started = time.perf_counter()
+        images = sum(job.work.num_images for job in batch)
+        for job in batch:
+            job.batch_images = images
+            job._emit("running", total_steps=job.total_steps)
 
         def on_step(done: int, total: int) -> None:
             for job in batch:
                 job.step, job.total_steps = done, total
+                job._emit("step", step=done, total_steps=total)
             if all(job.cancel_requested for job in batch):
                 raise _AllCancelled()
 
+        def call(works: list[Work]) -> list[list[Any]]:
+            jobs = [job for job in batch if any(job.work is w for w in works)]
+            if not any(job.wants_previews or job.work.previews for job in jobs):
+                return self.engine.generate(works, on_step=on_step)
+
+            def on_preview(done: int, total: int, images: list[bytes]) -> None:
+                start = 0
+                for job in jobs:  # the batch's images in order, num_images per job
+                    mine = images[start:start + job.work.num_images]
+                    start += job.work.num_images
+                    if (job.wants_previews or job.work.previews) and mine:
+                        job._emit("preview", step=done, total_steps=total, images=mine)
+
+            return self.engine.generate(works, on_step=on_step, on_preview=on_preview)  # type: ignore[call-arg]
+
         try:
             # Out of GPU memory: free it and retry in halves; a request that alone does not fit fails with 503.
-            results = run_with_oom_retry(lambda works: self.engine.generate(works, on_step=on_step),
-                                         [job.work for job in batch], sizes=lambda work: work.num_images)
+            results = run_with_oom_retry(call, [job.work for job in batch], sizes=lambda work: work.num_images)
             if len(results) != len(batch) or any(len(r) != j.work.num_images for r, j in zip(results, batch)):
                 raise RuntimeError("the engine returned images that do not match the requests")
         except _AllCancelled:
@@ -342,6 +380,7 @@ class Scheduler:
             if job.future.done():
                 return
             job.state, job.finished = state, self.clock()
+        job._emit("ended", state=state.value)
         if isinstance(outcome, BaseException):
             job.future.set_exception(outcome)
         else:

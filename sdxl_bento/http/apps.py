@@ -48,7 +48,23 @@ def images_app(service: Service = _current) -> Starlette:
         return FileResponse(info.path, media_type=info.media_type,
                             headers={"Cache-Control": "private, max-age=86400, immutable"})
 
-    return Starlette(routes=[Route("/{image_id}", get_image, methods=["GET"])])
+    async def get_manifest(request: Request) -> Response:
+        """``GET /images/{id}/manifest``: its owner's key (or an operator's) only; a signed link opens the image,
+        not the record of how it was made."""
+        front = service().front
+        try:
+            image_id = parse_id(request.path_params["image_id"])
+            info = front.images.info(image_id)
+            principal = request.scope.get("state", {}).get("principal")
+            if front.keys is not None and (principal is None or not may_use(principal, info.owner)):
+                raise NotFound(f"no image with id {image_id}")
+            manifest = front.images.manifest(image_id)
+        except ServiceError as exc:
+            return to_response(exc)
+        return JSONResponse(manifest, headers={"Cache-Control": "private, no-store"})
+
+    return Starlette(routes=[Route("/{image_id}", get_image, methods=["GET"]),
+                             Route("/{image_id}/manifest", get_manifest, methods=["GET"])])
 
 
 def models_app(loras: Callable[[], list[dict[str, Any]]], service: Service = _current) -> Starlette:

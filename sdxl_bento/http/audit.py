@@ -61,7 +61,9 @@ PARAMETERS = frozenset({
     "refiner_switch_at", "send_images", "denoising_strength",
     # issue 16: the A1111 features as native fields (``hires`` without its prompts), the newer OpenAI ones
     "hires", "tiling", "clip_skip", "eta", "subseed", "subseed_strength", "styles", "resize_mode", "mask_blur", "mask_invert",
-    "inpaint_fill", "mask_padding", "background", "moderation", "safety_identifier"})
+    "inpaint_fill", "mask_padding", "background", "moderation", "safety_identifier",
+    # issue 17: which events a webhook asked for (never its URL: receivers put their tokens in it)
+    "webhook_events"})
 """Generation parameters worth keeping: settings, never content (prompts, uploads, scripts)."""
 
 ITEM_FIELDS = frozenset({"prompt", "negative_prompt", "parameters", "outcome", "reason", "seeds", "image_ids",

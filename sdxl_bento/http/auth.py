@@ -16,6 +16,9 @@ Keys file, YAML (``.yaml``/``.yml``) or TOML (``.toml``), chosen by suffix::
         tier: standard
         overrides: {images_per_minute: 200}   # optional: any Tier field except name
         operator: true      # optional (default false): may read, cancel and retry every key's tasks and images
+        webhook_secret: "whsec_..."   # signs this key's webhook deliveries (made by `keys add`; shown once)
+        webhook: "https://hooks.example.com/sdxl"     # optional: default webhook of this key's requests
+        webhook_events: [job.completed, job.failed]    # optional: its default events
 
 The same in TOML: ``[tiers.free]`` tables and one ``[[keys]]`` table per key.
 Anything wrong (unknown tier, field or top-level entry, a hash that is not 64 hex digits, a
@@ -49,7 +52,10 @@ from ..core.policy import DEFAULT_TIERS, OVERRIDABLE, Principal, Tier
 logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "sk-sdxl-"
+WEBHOOK_SECRET_PREFIX = "whsec_"
 _RAW_KEY = re.compile(re.escape(KEY_PREFIX) + r"\S*")
+_RAW_SECRET = re.compile(re.escape(WEBHOOK_SECRET_PREFIX) + r"\S*")
+_KEY_FIELDS = {"name", "sha256", "tier", "overrides", "operator", "webhook_secret", "webhook", "webhook_events"}
 
 class KeyStore:
     """Stored key hashes and the tiers they map to; built by ``load`` (or ``from_dict``)."""
@@ -268,7 +274,7 @@ def _stat(path: Path) -> Stamp | None:
 
 def _redact(text: str) -> str:
     """A raw key that a parser's message quotes (pasted into the file by mistake) stays out of logs."""
-    return _RAW_KEY.sub(KEY_PREFIX + "[redacted]", text)
+    return _RAW_SECRET.sub(WEBHOOK_SECRET_PREFIX + "[redacted]", _RAW_KEY.sub(KEY_PREFIX + "[redacted]", text))
 
 
 def _tier(name: Any, spec: Any, base: Tier | None) -> Tier:
@@ -299,9 +305,8 @@ def _key(index: int, spec: Any, tiers: Mapping[str, Tier]) -> tuple[bytes, Princ
     except ValueError as exc:
         raise ValueError(f"keys[{index}]: {exc}") from None
     where = f"key {name!r}"
-    if unknown := set(spec) - {"name", "sha256", "tier", "overrides", "operator"}:
-        raise ValueError(f"{where}: unknown fields {sorted(unknown)} "
-                         "(allowed: name, sha256, tier, overrides, operator)")
+    if unknown := set(spec) - _KEY_FIELDS:
+        raise ValueError(f"{where}: unknown fields {sorted(unknown)} (allowed: {', '.join(sorted(_KEY_FIELDS))})")
     sha = spec.get("sha256")
     if not isinstance(sha, str) or not _HEX64.fullmatch(sha):
         raise ValueError(f"{where}: sha256 must be 64 hex digits (a quoted string)")
@@ -320,7 +325,51 @@ def _key(index: int, spec: Any, tiers: Mapping[str, Tier]) -> tuple[bytes, Princ
     operator = spec.get("operator", False)
     if not isinstance(operator, bool):
         raise ValueError(f"{where}: operator must be true or false")
-    return bytes.fromhex(sha), Principal(name, tier, sha[:8].lower(), operator=operator)
+    return bytes.fromhex(sha), Principal(name, tier, sha[:8].lower(), operator=operator, **_webhook_fields(where, spec))
+
+
+def _webhook_fields(where: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A key's webhook secret and default webhook, checked as requests' are (the schema's validator)."""
+    from pydantic import SecretStr, ValidationError
+
+    from ..schemas import GenerateRequest
+
+    out: dict[str, Any] = {}
+    secret = spec.get("webhook_secret")
+    if secret is not None:
+        if not isinstance(secret, str) or not valid_webhook_secret(secret):
+            raise ValueError(f"{where}: webhook_secret must be whsec_ and base64 of at least 24 bytes")
+        out["webhook_secret"] = SecretStr(secret)
+    if spec.get("webhook") is not None or spec.get("webhook_events") is not None:
+        try:
+            checked = GenerateRequest(prompt="-", webhook=spec.get("webhook"), webhook_events=spec.get("webhook_events"))
+        except ValidationError as exc:
+            error = exc.errors(include_url=False)[0]
+            raise ValueError(f"{where}: {'.'.join(map(str, error['loc'])) or 'webhook'}: "
+                             f"{error['msg'].removeprefix('Value error, ')}") from None
+        out["webhook"] = checked.webhook
+        out["webhook_events"] = None if checked.webhook_events is None else tuple(
+            e.value for e in checked.webhook_events)
+    return out
+
+
+def valid_webhook_secret(secret: str) -> bool:
+    import base64
+    import binascii
+
+    if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+        return False
+    try:
+        return len(base64.b64decode(secret[len(WEBHOOK_SECRET_PREFIX):] + "==", validate=False)) >= 24
+    except (binascii.Error, ValueError):
+        return False
+
+
+def new_webhook_secret() -> str:
+    """A Standard Webhooks secret: ``whsec_`` and base64 of 32 random bytes."""
+    import base64
+
+    return WEBHOOK_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 def _check_name(name: Any) -> None:
@@ -377,12 +426,13 @@ def extract_key(headers: Mapping[str, str]) -> str | None:
     return (lowered.get("x-api-key") or "").strip() or None
 
 
-def add_key(path: Path, name: str, tier: str, *, operator: bool = False) -> str:
+def add_key(path: Path, name: str, tier: str, *, operator: bool = False, webhook_secret: str | None = None) -> str:
     """Create a key, store its hash under ``name`` in the keys file, and return the raw key.
 
     The file is created (mode 0600) when missing and replaced atomically otherwise (keeping its
     mode), so a running service's ``KeyFile`` never reads it half-written. The key is returned once
-    for the caller to show; it is stored nowhere.
+    for the caller to show; it is stored nowhere. ``webhook_secret`` (``new_webhook_secret()``) is stored as it
+    is: the server needs it to sign the key's webhook deliveries.
     """
     path = Path(path)
     fmt = _format(path)
@@ -398,6 +448,8 @@ def add_key(path: Path, name: str, tier: str, *, operator: bool = False) -> str:
     entry: dict[str, Any] = {"name": name, "sha256": hashlib.sha256(key.encode()).hexdigest(), "tier": tier}
     if operator:
         entry["operator"] = True
+    if webhook_secret is not None:
+        entry["webhook_secret"] = webhook_secret
     if fmt == "yaml":
         import yaml
 
@@ -411,10 +463,34 @@ def add_key(path: Path, name: str, tier: str, *, operator: bool = False) -> str:
     except ValueError as exc:
         raise ValueError(f"{path}: cannot add the key to this file ({exc}); add a [[keys]] table by hand") from None
     added = written.authenticate(key)
-    if added is None or added.operator != operator or written.names[-1] != name:
+    secret_kept = webhook_secret is None or (added is not None and added.webhook_secret is not None
+                                             and added.webhook_secret.get_secret_value() == webhook_secret)
+    if added is None or added.operator != operator or written.names[-1] != name or not secret_kept:
         raise ValueError(f"{path}: the key could not be added to this file; add it by hand")
     _write_atomic(path, new_text)
     return key
+
+
+def set_webhook_secret(path: Path, name: str) -> str:
+    """Give the key ``name`` a new webhook secret (made here, returned once); the old one stops signing.
+    YAML files only: a TOML file is edited by hand (``webhook_secret = "whsec_..."`` in the key's table)."""
+    path = Path(path)
+    if _format(path) != "yaml":
+        raise ValueError(f"{path}: set webhook_secret in the key's [[keys]] table by hand (whsec_ and base64 of 32 "
+                         "random bytes); this command rewrites YAML files only")
+    import yaml
+
+    data = _parse(path.read_text(encoding="utf-8"), "yaml", path)
+    KeyStore.from_dict(data, source=str(path))
+    entry = next((e for e in data.get("keys") or [] if isinstance(e, Mapping) and e.get("name") == name), None)
+    if entry is None:
+        raise ValueError(f"{path}: no key named {name!r}")
+    secret = new_webhook_secret()
+    entry["webhook_secret"] = secret
+    new_text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    KeyStore.from_dict(_parse(new_text, "yaml", path), source=str(path))
+    _write_atomic(path, new_text)
+    return secret
 
 
 def _toml_value(value: str | bool) -> str:
@@ -452,4 +528,4 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-__all__ = ["KeyFile", "KeyStore", "add_key", "extract_key"]
+__all__ = ["KeyFile", "KeyStore", "add_key", "extract_key", "new_webhook_secret", "set_webhook_secret"]

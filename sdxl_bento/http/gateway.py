@@ -15,6 +15,7 @@ interrupt, an option set); reads (status, results, images, lists) are audited on
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -35,6 +36,7 @@ from ..errors import (
     UnsupportedMediaType,
     invalid,
 )
+from ..schemas import LIFECYCLE_FIELDS
 from .audit import AuditLog
 from .auth import extract_key
 from .ratelimit import Limit, RateLimiter
@@ -49,7 +51,7 @@ DEADLINE_HEADER = "x-request-deadline"
 """Seconds the client is willing to wait; only a deadline shorter than the tier's default is honoured."""
 CREDENTIALS = ("authorization", "x-api-key")
 SINGLE_HEADERS = (*CREDENTIALS, *INTERNAL_HEADERS, "content-type", "content-length", DEADLINE_HEADER,
-                  "idempotency-key", "prefer", "accept")
+                  "idempotency-key", "prefer", "accept", "last-event-id")
 """Headers that change what is done: sent twice, the framework and the gateway could read different ones."""
 AUDITED_HEADERS = ("x-request-id",)
 
@@ -57,8 +59,15 @@ AUDITED_HEADERS = ("x-request-id",)
 class Gateway:
     def __init__(self, app: Any, *, keys: Any, limiter: RateLimiter, slots: Any, audit: AuditLog,
                  routes: RouteTable, signer: Signer, max_body_bytes: int, drain: Any = None,
-                 task_cost: Callable[[str], int | None] | None = None) -> None:
+                 task_cost: Callable[[str], int | None] | None = None, idempotency: Any = None,
+                 targets: Any = None, wait_s: float = 600.0) -> None:
         self.app = app
+        self.idempotency = idempotency
+        """``idempotency.Idempotency``: a retried POST with an ``Idempotency-Key`` gets the first one's answer."""
+        self.targets = targets
+        """``webhooks.Targets``: a request's own webhook URL is checked (names resolved) before it is admitted."""
+        self.wait_s = wait_s
+        """How long a retry waits for the request holding its ``Idempotency-Key`` to answer."""
         self.keys = keys
         """``auth.KeyFile`` (reloaded on change), or None: the service runs open."""
         self.limiter = limiter
@@ -106,6 +115,7 @@ class Gateway:
                 raise ShuttingDown("the service is shutting down; try again shortly (or another replica)",
                                    retry_after=30)
             deadline = self._deadline(headers)
+            raw = b""
             if route is not None and route.upload is not None:  # an image file: read once, handed over as is
                 state[UPLOAD_STATE] = route.parse(await read_upload(
                     headers, receive, max_bytes=route.upload, max_json_bytes=self.max_body_bytes))[0]
@@ -118,7 +128,9 @@ class Gateway:
                     body = json.dumps(await read_form(body, headers["content-type"])).encode()
                     _set_header(scope, "content-type", "application/json")
                     _set_header(scope, "content-length", str(len(body)))
+                raw = body  # what an Idempotency-Key's fingerprint covers (a form: its fields, not its boundary)
                 requests, admission = self._police(route, principal, body, deadline)
+                await self._lifecycle(route, path, principal, headers, requests, state)
                 if route.batch:
                     body = self._stamp(body, principal, admission.deadline_s)
             else:  # a retry runs the task's stored request again: it costs what the task cost
@@ -128,14 +140,34 @@ class Gateway:
                                       deadline_s=deadline or principal.tier.default_deadline_s)
             state["deadline_s"] = admission.deadline_s
             state["admission"] = admission
-            lease, rate_headers = self._admit(principal, admission)
+            idem = self._idempotency_key(headers, principal, scope, path, raw) \
+                if route is None or route.upload is None else None  # /verify generates nothing
+            claim = await asyncio.to_thread(self.idempotency.begin, *idem) if idem else None
+            if claim is not None and claim.state != "new":
+                lease, rate_headers = None, {}
+            else:
+                lease, rate_headers = self._admit(principal, admission)
         except (ServiceError, ValidationError) as exc:
             error = exc if isinstance(exc, ServiceError) else invalid(exc)
             self._reject(error, principal, template, requests, headers, started)
             return await self.routes.shape(path)(exc)(scope, receive, send)
 
+        if claim is not None and claim.state != "new":  # the answer of the request that holds this key
+            claim = await self.idempotency.wait(*idem, timeout_s=self.wait_s)
+            if claim.state == "new":  # that request gave the key up (its answer said "try again"): run this one
+                try:
+                    lease, rate_headers = self._admit(principal, admission)
+                except ServiceError as exc:
+                    self.idempotency.abandon(*idem)
+                    self._reject(exc, principal, template, requests, headers, started)
+                    return await self.routes.shape(path)(exc)(scope, receive, send)
+            else:
+                return await self._replay(claim, idem, principal, template, requests, headers, started, scope,
+                                          receive, send)
+
         status: dict[str, int] = {}
         replayed = False
+        kept: dict[str, Any] = {"headers": [], "body": []}
 
         async def replay() -> dict[str, Any]:
             """The (possibly stamped) body, once; after it, the real channel (which reports a disconnect)."""
@@ -153,6 +185,12 @@ class Gateway:
                     extra["x-cache"] = state["audit"]["cache"]
                 message = {**message, "headers": [*message.get("headers", []),
                                                   *((k.lower().encode(), v.encode()) for k, v in extra.items())]}
+                if idem:
+                    kept["headers"] = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message["headers"]]
+            elif idem and message["type"] == "http.response.body":
+                kept["body"].append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    kept["done"] = True
             await send(message)
 
         if route is not None and route.batch:
@@ -164,6 +202,11 @@ class Gateway:
             await self.app(scope, replay, send_with_headers)
         finally:
             self.slots.release(lease)
+            if idem:
+                if kept.get("done") and status.get("code"):
+                    self.idempotency.finish(*idem, status["code"], kept["headers"], b"".join(kept["body"]))
+                else:
+                    self.idempotency.abandon(*idem)
             self._record(principal, template, requests, headers, started, status.get("code"), state.get("audit", {}))
 
     async def _audited(self, scope: dict[str, Any], receive: Any, send: Any, principal: Principal | None,
@@ -181,6 +224,68 @@ class Gateway:
         finally:
             self._record(principal, template, [], headers, started, status.get("code"),
                          scope.get("state", {}).get("audit", {}))
+
+    # -- the lifecycle: webhooks, negotiation, idempotency --------------------------------------------
+    async def _lifecycle(self, route: Route, path: str, principal: Principal, headers: dict[str, str],
+                         requests: list[Any], state: dict[str, Any]) -> None:
+        """The answer's media type (406 when none is acceptable) and the request's webhook (its own URL checked
+        now, names resolved: 400 when it points at a refused address)."""
+        from .lifecycle import STATE_KEY, webhook_wanted
+        from .negotiation import STATE_KEY as NEGOTIATED
+        from .negotiation import negotiate
+
+        if not route.negotiates:
+            return
+        state[NEGOTIATED] = negotiate(path, headers, requests)
+        if route.batch:
+            if any(getattr(req, "webhook", None) or getattr(req, "webhook_events", None) for req in requests):
+                raise InvalidRequest("webhook: not taken by /generate_batch items; submit a task (/jobs/submit) with "
+                                     "a webhook instead", field="webhook")
+            return
+        wanted = webhook_wanted(requests[0], principal)
+        if wanted is None:
+            if getattr(requests[0], "webhook_events", None):
+                raise InvalidRequest("webhook_events: give a webhook too (or set one for the key)",
+                                     field="webhook_events")
+            return
+        if wanted["own"] and self.targets is not None:
+            await asyncio.to_thread(self.targets.check, wanted["webhook"])
+        state[STATE_KEY] = wanted
+
+    def _idempotency_key(self, headers: dict[str, str], principal: Principal, scope: dict[str, Any], path: str,
+                         body: bytes) -> tuple[str, str, str] | None:
+        """(the caller, the key, the request's fingerprint) when the request carries an ``Idempotency-Key``."""
+        from .idempotency import HEADER, fingerprint, parse_key
+
+        raw = headers.get(HEADER)
+        if raw is None or self.idempotency is None:
+            return None
+        query = scope.get("query_string", b"").decode("latin-1")
+        target = f"{path}?{query}" if query else path
+        caller = "" if principal.anonymous else principal.name
+        return caller, parse_key(raw), fingerprint(scope["method"], target, headers, body)
+
+    async def _replay(self, claim: Any, idem: tuple[str, str, str], principal: Principal, template: str,
+                      requests: list[Any], headers: dict[str, str], started: float, scope: dict[str, Any],
+                      receive: Any, send: Any) -> None:
+        from starlette.responses import Response
+
+        from ..errors import Conflict
+        from .idempotency import REPLAYED
+
+        if claim.state != "done" or claim.stored is None:
+            exc = Conflict("a request with this Idempotency-Key is still running; retry later", retry_after=5)
+            self._reject(exc, principal, template, requests, headers, started)
+            return await self.routes.shape(scope["path"].rstrip("/"))(exc)(scope, receive, send)
+        stored = claim.stored
+        response = Response(stored.body, status_code=stored.status)
+        response.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in stored.headers
+                                if k.lower() != "content-length"]
+        response.raw_headers += [(b"content-length", str(len(stored.body)).encode()), (REPLAYED.encode(), b"true")]
+        self.metrics.idempotent_replays.inc()
+        self._record(principal, template, requests, headers, started, stored.status,
+                     {"outcome": "replayed", "reason": "idempotency_key"})
+        await response(scope, receive, send)
 
     # -- the checks, in order ---------------------------------------------------------------------
     def _authenticate(self, headers: dict[str, str], scope: dict[str, Any], path: str) -> Principal | None:
@@ -257,7 +362,7 @@ class Gateway:
             params = json.loads(body) if body else None
         except ValueError:
             raise InvalidRequest("the request body is not valid JSON") from None
-        requests = route.parse(params)
+        requests = route.parse_for(params, principal) if route.parse_for is not None else route.parse(params)
         if not requests:
             raise InvalidRequest("requests: give at least one request", field="requests")
         admissions = []
@@ -336,7 +441,8 @@ class Gateway:
 
 def _described(req: Any) -> dict[str, Any]:
     """A typed request for the audit line: prompts apart, never an upload."""
-    params = req.model_dump(mode="json", exclude={"prompt", "negative_prompt", "image", "mask", "caller"})
+    params = req.model_dump(mode="json", exclude={"prompt", "negative_prompt", "image", "mask", "caller",
+                                                  *LIFECYCLE_FIELDS})
     return {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "parameters": params}
 
 

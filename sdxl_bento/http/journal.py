@@ -15,11 +15,15 @@ reading files that later code extends. Ended tasks are pruned by age, and the fi
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Callable
+
+logger = logging.getLogger(__name__)
 
 UNFINISHED = ("in_progress",)
 
@@ -57,6 +61,22 @@ class TaskJournal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA journal_size_limit={4 * 2**20}")
         self._migrate()
+        self.listeners: list[Callable[[TaskRecord], None]] = []
+        """Called with the record of each end this process records (``finished``, ``recover``): the task's
+        terminal event and webhook come from here, so what is announced is what the journal holds."""
+
+    def _ended(self, task_ids: list[str]) -> None:
+        if not self.listeners:
+            return
+        for task_id in task_ids:
+            record = self.get(task_id)
+            if record is None:
+                continue
+            for listener in list(self.listeners):
+                try:
+                    listener(record)
+                except Exception:
+                    logger.exception("journal listener failed for task %s", task_id)
 
     def _migrate(self) -> None:
         """Create the table, or add the columns an older file lacks; in one write transaction, so
@@ -78,10 +98,19 @@ class TaskJournal:
     def recover(self, *, now: float | None = None) -> int:
         """Mark tasks left unfinished by an earlier process as failed (reason ``restart``); returns how many."""
         with self._lock:
-            cur = self._db.execute(
-                f"UPDATE tasks SET status='failed', reason='restart', updated=? "
-                f"WHERE status IN ({','.join('?' * len(UNFINISHED))})", (_now(now), *UNFINISHED))
-            return cur.rowcount
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                lost = [row[0] for row in self._db.execute(
+                    f"SELECT task_id FROM tasks WHERE status IN ({','.join('?' * len(UNFINISHED))})", UNFINISHED)]
+                self._db.execute(
+                    f"UPDATE tasks SET status='failed', reason='restart', updated=? "
+                    f"WHERE status IN ({','.join('?' * len(UNFINISHED))})", (_now(now), *UNFINISHED))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        self._ended(lost)
+        return len(lost)
 
     def accepted(self, task_id: str, owner: str | None, cost_images: int = 1, *, now: float | None = None) -> None:
         """Record a new task as in progress; a task id already recorded is left as it is."""
@@ -101,7 +130,10 @@ class TaskJournal:
                 "UPDATE tasks SET status=?, reason=?, result=?, error=?, http_status=?, updated=? "
                 "WHERE task_id=? AND status='in_progress'",
                 (status, reason, result, error, http_status, _now(now), task_id))
-            return cur.rowcount > 0
+            changed = cur.rowcount > 0
+        if changed:
+            self._ended([task_id])
+        return changed
 
     def get(self, task_id: str) -> TaskRecord | None:
         with self._lock:

@@ -64,9 +64,10 @@ class TaskDirectory:
         return url if url and url != self.self_url else None
 
     async def forward(self, owner: str, scope: dict[str, Any], receive: Any, send: Any, *,
-                      headers: dict[str, str] | None = None) -> None:
+                      headers: dict[str, str] | None = None, stream: bool = False) -> None:
         """Send the same request to the owner with ``headers`` (the signed caller) and relay its answer;
-        503 when the owner cannot be reached or its URL is not a replica's."""
+        503 when the owner cannot be reached or its URL is not a replica's. ``stream``: relay the answer as it
+        comes, without a time limit (a task's Server-Sent Events)."""
         from starlette.requests import Request
         from starlette.responses import JSONResponse, Response
 
@@ -79,6 +80,8 @@ class TaskDirectory:
                                                                                  "is unknown"}}, status_code=503,
                                     headers={"Retry-After": "5"})
             return await response(scope, receive, send)
+        if stream:
+            return await self._relay(request, url, headers, scope, receive, send)
         try:
             async with httpx.AsyncClient(timeout=30) as client:
                 answer = await client.request(request.method, url, params=request.query_params, headers=headers,
@@ -91,3 +94,27 @@ class TaskDirectory:
             relay = {k: v for k, v in answer.headers.items() if k.lower() not in _HOP_BY_HOP | {"content-encoding"}}
             response = Response(answer.content, status_code=answer.status_code, headers=relay)
         await response(scope, receive, send)
+
+    async def _relay(self, request: Any, url: str, headers: dict[str, str], scope: dict[str, Any], receive: Any,
+                     send: Any) -> None:
+        from starlette.responses import JSONResponse
+
+        started = False
+        try:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(30, read=None)) as client:
+                async with client.stream(request.method, url, params=request.query_params, headers=headers) as answer:
+                    relay = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.items()
+                             if k.lower() not in _HOP_BY_HOP | {"content-encoding"}]
+                    await send({"type": "http.response.start", "status": answer.status_code, "headers": relay})
+                    started = True
+                    async for chunk in answer.aiter_raw():
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except httpx.HTTPError as exc:
+            if started:  # the owner went away mid-stream: end it; the client reconnects with Last-Event-ID
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            response = JSONResponse({"error": {"type": "unavailable",
+                                               "message": f"the replica running this task is unreachable ({exc})"}},
+                                    status_code=503, headers={"Retry-After": "5"})
+            await response(scope, receive, send)

@@ -37,6 +37,10 @@ class Route:
     form: bool = False
     """It takes ``multipart/form-data`` (OpenAI's image edits): the gateway parses the form into a JSON object
     (``read_form``: files in base64), polices that, and hands the API method the JSON."""
+    negotiates: bool = False
+    """A native route: ``Accept`` and ``Prefer`` are negotiated (``negotiation.py``) and a webhook may be asked for."""
+    parse_for: Callable[[Any, Any], list[Any]] | None = None
+    """Instead of ``parse``, when the typed requests depend on the caller too: (body, principal) -> requests."""
 
 
 async def read_form(body: bytes, content_type: str, *, max_files: int = 4, max_fields: int = 64) -> dict[str, Any]:
@@ -131,7 +135,8 @@ class RouteTable:
             return path
         for prefix in self.task_prefixes:
             action = path.removeprefix(prefix + "/")
-            if path.startswith(prefix + "/") and action in ("submit", "status", "get", "cancel", "retry"):
+            if path.startswith(prefix + "/") and action in ("submit", "status", "get", "cancel", "retry", "events",
+                                                             "webhooks"):
                 return path
         for prefix in (*self.mounted, "/ui"):
             if path == prefix or path.startswith(prefix + "/"):
@@ -144,11 +149,11 @@ def table(native: dict[str, type[BaseModel]], tasks: dict[str, type[BaseModel]],
     """The service's routes: ``native`` single-request routes and ``tasks`` prefixes by their input model, the
     batch route, the ``foreign`` APIs' generation routes (their adapters' parsers and error shapes), and the
     ``mounted`` apps the gateway guards (a signed link can also open ``/images``)."""
-    generation = {path: Route(path, single(model)) for path, model in native.items()}
+    generation = {path: Route(path, single(model), negotiates=True) for path, model in native.items()}
     for prefix, model in tasks.items():
-        generation[prefix] = Route(prefix, single(model))  # BentoML also serves a task as a plain call
-        generation[f"{prefix}/submit"] = Route(f"{prefix}/submit", single(model), task=True)
-    generation["/generate_batch"] = Route("/generate_batch", batch_items(batch), batch=True)
+        generation[prefix] = Route(prefix, single(model), negotiates=True)  # BentoML also serves a task as a call
+        generation[f"{prefix}/submit"] = Route(f"{prefix}/submit", single(model), task=True, negotiates=True)
+    generation["/generate_batch"] = Route("/generate_batch", batch_items(batch), batch=True, negotiates=True)
     generation.update(foreign)
     generation.update({route.path: route for route in uploads})
     return RouteTable(generation=generation, task_prefixes=tuple(tasks), mounted=mounted, open_reads=("/images",))

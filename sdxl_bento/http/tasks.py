@@ -54,6 +54,8 @@ class TaskRegistry:
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
         self.scheduler: Scheduler | None = None
+        self.events: Any = None
+        """``events.Progress``: a task's jobs, once attached, report their progress as events."""
 
     def __len__(self) -> int:
         with self._lock:
@@ -72,6 +74,8 @@ class TaskRegistry:
         if cancelled and self.scheduler is not None:
             for job in jobs:
                 self.scheduler.cancel(job)
+        elif self.events is not None:
+            self.events.watch(task_id, jobs)
 
     def ended(self, task_id: str, status: str, reason: str | None = None, *, result: Any = None,
               error: Any = None, http_status: int | None = None) -> None:
@@ -138,6 +142,7 @@ async def run_task(ctx: Any, req: Any, *, front: Any, generation: Any) -> Any:
             raise NotFound(f"task {task_id} is not in the journal")
         rctx = front.task_context(ctx, record.owner)
         rctx.on_submit = lambda jobs: registry.attach(task_id, jobs)
+        rctx.previews = True  # its event stream shows them
         answer = generation.response(req, await generation.run(req, rctx), rctx)
     except Cancelled:
         registry.ended(task_id, "canceled", "cancelled")
@@ -184,8 +189,12 @@ class TaskControl:
     """
 
     def __init__(self, app: Any, registry: TaskRegistry, journal: TaskJournal, task_routes: tuple[str, ...],
-                 directory: TaskDirectory | None = None, signer: Signer | None = None) -> None:
+                 directory: TaskDirectory | None = None, signer: Signer | None = None,
+                 on_accepted: list[Any] | None = None) -> None:
         self.app = app
+        self.on_accepted = on_accepted or []
+        """Called with (task id, request state, the retried task's id or None) when a task id is issued, before
+        the task can end (the webhook subscription is recorded there)."""
         self.registry = registry
         self.journal = journal
         self.routes = task_routes
@@ -221,7 +230,8 @@ class TaskControl:
                 if record.created < self.started:
                     raise Gone(f"task {task_id} was submitted before the service restarted; its request is not "
                                "kept: submit it again", reason="restart")
-                return await self._rewrite(scope, receive, send, lambda body: self._on_submit(body, scope))
+                return await self._rewrite(scope, receive, send,
+                                           lambda body: self._on_submit(body, scope, retry_of=task_id))
             if action == "cancel":
                 return await self._cancel(scope, receive, send, record)
             if action == "status":
@@ -266,13 +276,18 @@ class TaskControl:
         await self.app(scope, receive, _discard)
         await _json(200, {"task_id": record.task_id, "status": "canceled"})(scope, receive, send)
 
-    def _on_submit(self, body: dict[str, Any], scope: dict[str, Any]) -> dict[str, Any]:
+    def _on_submit(self, body: dict[str, Any], scope: dict[str, Any], retry_of: str | None = None) -> dict[str, Any]:
         if isinstance(body, dict) and "task_id" in body:
             state = scope.setdefault("state", {})
             admission = state.get("admission")
             self.registry.submitted(body["task_id"])
             self.journal.accepted(body["task_id"], owner_of(state["principal"]),
                                   cost_images=admission.images if admission is not None else 1)
+            for hook in self.on_accepted:
+                try:
+                    hook(body["task_id"], state, retry_of)
+                except Exception:
+                    logger.exception("task %s: accepted hook failed", body["task_id"])
             if self.directory is not None:
                 self.directory.announce(body["task_id"])
             state.setdefault("audit", {})["task_id"] = body["task_id"]

@@ -22,13 +22,15 @@ from ..errors import ModelMissing
 
 logger = logging.getLogger(__name__)
 
-Role = Literal["base", "refiner", "safety"]
-ROLES: tuple[Role, ...] = ("base", "refiner", "safety")
-DEFAULT_TAGS: dict[Role, str] = {"base": "sdxl-base", "refiner": "sdxl-refiner", "safety": "sdxl-safety"}
+Role = Literal["base", "refiner", "safety", "preview"]
+ROLES: tuple[Role, ...] = ("base", "refiner", "safety", "preview")
+DEFAULT_TAGS: dict[Role, str] = {"base": "sdxl-base", "refiner": "sdxl-refiner", "safety": "sdxl-safety",
+                                 "preview": "sdxl-taesd"}
 DEFAULT_SOURCES: dict[Role, str] = {
     "base": "stabilityai/stable-diffusion-xl-base-1.0",
     "refiner": "stabilityai/stable-diffusion-xl-refiner-1.0",
     "safety": "CompVis/stable-diffusion-safety-checker",
+    "preview": "madebyollin/taesdxl",
 }
 CHECKER_KINDS = ("sd-safety-checker", "classifier")
 DTYPES = ("float16", "bfloat16", "float32")
@@ -200,6 +202,40 @@ def import_checker(source: str, kind: str, tag: str | None = None, synthetic: bo
     labels = {"project": "sdxl-bento", "role": "safety", "synthetic": str(synthetic).lower()}
     with bentoml.models.create(tag or DEFAULT_TAGS["safety"], labels=labels, metadata=metadata) as model:
         shutil.copytree(path, model.path, dirs_exist_ok=True)
+    return str(model.tag)
+
+
+# -- TAESD-XL, for previews -----------------------------------------------------------------------------
+def import_preview(source: str, tag: str | None = None, synthetic: bool = False) -> str:
+    """Save TAESD-XL (a diffusers ``AutoencoderTiny`` folder, or a hub id such as ``madebyollin/taesdxl``) as
+    the preview decoder (role ``preview``)."""
+    from diffusers import AutoencoderTiny
+
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        path = hub_snapshot(source, ["config.json", "*.safetensors"])
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{source}: no config.json: not a diffusers AutoencoderTiny folder")
+    vae = AutoencoderTiny.from_pretrained(str(path))
+    return _save_preview(vae, tag or DEFAULT_TAGS["preview"], source, synthetic)
+
+
+def save_synthetic_preview(tag: str | None = None, seed: int = 0) -> str:
+    """A tiny TAESD with random weights (same code path as TAESD-XL; its previews are noise)."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    vae = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                          num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), latent_channels=4)
+    return _save_preview(vae, tag or DEFAULT_TAGS["preview"], "synthetic:tiny", True)
+
+
+def _save_preview(vae: Any, name: str, source: str, synthetic: bool) -> str:
+    metadata = {"role": "preview", "kind": "taesd", "source": source, "synthetic": synthetic, "dtype": "float32"}
+    labels = {"project": "sdxl-bento", "role": "preview", "synthetic": str(synthetic).lower()}
+    with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
+        vae.save_pretrained(model.path, safe_serialization=True)
     return str(model.tag)
 
 

@@ -1,4 +1,5 @@
-// sdxl-bento playground: submit through the task API, follow its progress, keep a local gallery.
+// sdxl-bento playground: submit through the task API, follow its event stream (progress, previews), keep a
+// local gallery.
 // Every URL is relative to this page (served at <service>/ui/), so it works behind a path prefix.
 "use strict";
 
@@ -6,7 +7,6 @@ const ROOT = new URL("../", window.location.href); // the service's root
 const KEY_STORAGE = "sdxl-bento.api-key";
 const GALLERY_STORAGE = "sdxl-bento.gallery";
 const GALLERY_MAX = 30;
-const POLL_MS = 400;
 
 const $ = (id) => document.getElementById(id);
 const form = $("generate-form");
@@ -95,7 +95,7 @@ async function submit(event) {
     const response = await fetch(api("jobs/submit"), {method: "POST", headers: headers(true), body: JSON.stringify(params)});
     if (!response.ok) throw new Error(await errorText(response));
     const {task_id: taskId} = await response.json();
-    current = {taskId, params, stopped: false};
+    current = {taskId, params, stopped: false, abort: new AbortController()};
     await follow(current);
   } catch (err) {
     setBusy(false);
@@ -104,15 +104,83 @@ async function submit(event) {
   }
 }
 
+// The task's Server-Sent Events (GET /jobs/events), read with fetch so that the API key goes in a header
+// (EventSource cannot send one). A dropped stream resumes with Last-Event-ID: no event is lost.
+const TERMINAL = {completed: "completed", failed: "failed", cancelled: "canceled"};
+
 async function follow(task) {
+  let last = null;
+  let failures = 0;
   while (!task.stopped) {
-    const response = await fetch(api("jobs/status?task_id=" + encodeURIComponent(task.taskId)), {headers: headers(false)});
+    const h = headers(false);
+    h["Accept"] = "text/event-stream";
+    if (last) h["Last-Event-ID"] = last;
+    let response;
+    try {
+      response = await fetch(api("jobs/events?task_id=" + encodeURIComponent(task.taskId)),
+                             {headers: h, signal: task.abort.signal, cache: "no-store"});
+    } catch (err) {
+      if (task.stopped) return;
+      if (++failures > 20) throw err;
+      await new Promise((resolve) => setTimeout(resolve, Math.min(2000, 100 * failures)));
+      continue;
+    }
     if (!response.ok) throw new Error(await errorText(response));
-    const status = await response.json();
-    if (status.status !== "in_progress") return finish(task, status);
-    showProgress(status);
-    await new Promise((resolve) => setTimeout(resolve, POLL_MS));
+    try {
+      for await (const event of readEvents(response)) {
+        if (event.id) last = event.id;
+        failures = 0;
+        const data = event.data ? JSON.parse(event.data) : {};
+        if (event.event in TERMINAL) return finish(task, {status: TERMINAL[event.event], reason: data.reason});
+        if (event.event === "preview") showPreview(data);
+        else if (event.event === "queued" || event.event === "running") showProgress(data);
+      }
+    } catch (err) {
+      if (task.stopped) return;
+    }
+    if (++failures > 20) throw new Error("lost the connection to the service");
+    await new Promise((resolve) => setTimeout(resolve, Math.min(2000, 100 * failures)));
   }
+}
+
+// Server-Sent Events from a fetch response: {id, event, data} per event (comment lines, the heartbeats, skipped).
+async function* readEvents(response) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  let event = {id: null, event: "message", data: []};
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, {stream: true});
+    let end;
+    while ((end = buffer.search(/\r\n|\r|\n/)) >= 0) {
+      const line = buffer.slice(0, end);
+      buffer = buffer.slice(end + (buffer.startsWith("\r\n", end) ? 2 : 1));
+      if (line === "") {
+        if (event.data.length) yield {id: event.id, event: event.event, data: event.data.join("\n")};
+        event = {id: event.id, event: "message", data: []};
+        continue;
+      }
+      if (line.startsWith(":")) continue;
+      const colon = line.indexOf(":");
+      const field = colon < 0 ? line : line.slice(0, colon);
+      const text = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+      if (field === "data") event.data.push(text);
+      else if (field === "event") event.event = text;
+      else if (field === "id") event.id = text;
+    }
+  }
+}
+
+function showPreview(data) {
+  const image = (data.images || [])[0];
+  if (!image) return;
+  const preview = $("preview");
+  preview.src = `data:${data.media_type || "image/jpeg"};base64,${image}`;
+  preview.dataset.step = String(data.step);
+  preview.alt = `Preview at step ${data.step} of ${data.total_steps}`;
+  preview.hidden = false;
 }
 
 function showProgress(status) {
@@ -134,6 +202,7 @@ function showProgress(status) {
 async function finish(task, status) {
   current = null;
   setBusy(false);
+  $("preview").hidden = true;
   if (status.status === "canceled") {
     setStatus("Cancelled.");
     return;
@@ -186,7 +255,9 @@ async function cancel() {
   const task = current;
   if (!task) return;
   task.stopped = true;
+  task.abort.abort();
   $("cancel").disabled = true;
+  $("preview").hidden = true;
   setStatus("Cancelling…");
   const response = await fetch(api("jobs/cancel?task_id=" + encodeURIComponent(task.taskId)), {method: "PUT", headers: headers(false)});
   current = null;

@@ -1,5 +1,6 @@
 """The /ui/ playground in headless Chromium (Debian's package, driven by Playwright) against the real
-service on the tiny model: generate, watch progress, see the image and the gallery, cancel.
+service on the tiny model: generate, watch progress (the task's event stream) and its previews, see the image and
+the gallery, cancel.
 
 CI installs: ``apt-get install -y chromium`` and ``pip install playwright==1.65.2`` (no
 ``playwright install``: the browser is Debian's). Without them these tests are skipped.
@@ -100,6 +101,10 @@ def test_cancel_stops_the_generation(server, page):
     page.fill("#steps", "100")
     page.click("#generate")
     page.wait_for_function("/^Step [1-9]/.test(document.getElementById('status').textContent)", timeout=60_000)
+    # the event stream's previews show while it denoises (a JPEG from the latents every few steps)
+    page.wait_for_function("!document.getElementById('preview').hidden && "
+                           "document.getElementById('preview').naturalWidth > 0", timeout=60_000)
+    assert int(page.get_attribute("#preview", "data-step")) >= 1
     assert page.is_enabled("#cancel")
     page.click("#cancel")
     page.wait_for_function("document.getElementById('status').textContent === 'Cancelled.'", timeout=30_000)

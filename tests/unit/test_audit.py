@@ -105,9 +105,10 @@ def test_parameters_keep_settings_never_uploads(tmp_path):
 
 
 def test_parameter_names_cover_the_request_models():
-    """Every settings field of the request schemas is kept; their uploads and prompts are not."""
+    """Every settings field of the request schemas is kept; their uploads, prompts and webhook URLs (which can
+    carry the receiver's token) are not."""
     fields = set(GenerateRequest.model_fields) | set(InpaintRequest.model_fields) | set(RefineRequest.model_fields)
-    assert fields - PARAMETERS == {"prompt", "negative_prompt", "image", "mask"}
+    assert fields - PARAMETERS == {"prompt", "negative_prompt", "image", "mask", "webhook"}
     assert not {"image", "mask", "init_images", "prompt", "negative_prompt", "hr_prompt"} & PARAMETERS
 
 

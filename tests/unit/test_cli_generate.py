@@ -151,3 +151,35 @@ def test_images_withheld_by_the_safety_check(tmp_path, capsys):
     assert (tmp_path / "out.png").read_bytes() == b"PNG:/images/i1"
     assert run(FakeService(images=1, withheld=(0,)), tmp_path / "none") == 1
     assert "every image was withheld by the safety check" in capsys.readouterr().err
+
+
+class StreamingService(FakeService):
+    """The task API with its event stream: queued, running steps, a preview, completed; the first connection drops
+    after two events, and the second must resume with Last-Event-ID."""
+
+    EVENTS = [("queued", {"state": "queued", "queue_position": 0, "eta_s": 2}),
+              ("running", {"state": "running", "step": 1, "total_steps": 4, "eta_s": 1}),
+              ("preview", {"step": 2, "total_steps": 4, "images": ["AA=="]}),
+              ("running", {"state": "running", "step": 4, "total_steps": 4, "eta_s": 0}),
+              ("completed", {"status": "completed"})]
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.resumed_from = []
+
+    def __call__(self, request):
+        if request.url.path != "/jobs/events":
+            return super().__call__(request)
+        last = int(request.headers.get("last-event-id", "0"))
+        self.resumed_from.append(last)
+        chosen = list(enumerate(self.EVENTS, 1))[last:last + 2] if last == 0 else list(enumerate(self.EVENTS, 1))[last:]
+        text = ": ping\n\n" + "".join(f"id: {i}\nevent: {name}\ndata: {json.dumps(data)}\n\n" for i, (name, data) in chosen)
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=text.encode())
+
+
+def test_progress_follows_the_event_stream_and_resumes_it(tmp_path, capsys):
+    service = StreamingService(images=1)
+    assert run(service, tmp_path, seed=1) == 0
+    assert service.resumed_from == [0, 2]  # the dropped stream resumed after event 2
+    assert service.polls == 0  # no polling
+    assert (tmp_path / "out.png").read_bytes() == b"PNG:/images/i0"

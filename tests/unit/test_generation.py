@@ -57,7 +57,7 @@ class PaintEngine:
     def prompts(self) -> list[list[str]]:
         return [[w.prompt for w in works] for works in self.calls]
 
-    def generate(self, works, on_step=None):
+    def generate(self, works, on_step=None, on_preview=None):  # previews: the real engine's (test_events)
         self.calls.append(list(works))
         self.started.set()
         total = works[0].key.total_steps()

@@ -41,7 +41,7 @@ class HeldEngine:
         self.gate = threading.Event()
         self.started = threading.Event()
 
-    def generate(self, works, on_step=None):
+    def generate(self, works, on_step=None, on_preview=None):  # previews: the real engine's (test_events)
         self.calls.append([w.prompt for w in works])
         self.started.set()
         total = works[0].key.total_steps()
