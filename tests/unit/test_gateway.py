@@ -370,3 +370,31 @@ def test_refusals_come_in_each_routes_api_shape(rig):
     mounted = call(rig.gateway, "GET", "/sdapi/v1/options")
     assert mounted.status_code == 401 and mounted.json()["error"] == "HTTPException"
     assert rig.inner.seen == []
+
+
+# -- Idempotency-Key on a multipart form -----------------------------------------------------------------
+def test_an_idempotent_form_is_the_same_request_whatever_its_boundary(rig, tmp_path):
+    """A client retrying a multipart POST draws a new boundary: the key's fingerprint covers the form's fields
+    (what the gateway parsed and policed), so the retry gets the first answer and a changed field is a 422."""
+    from sdxl_bento.http.idempotency import REPLAYED, Idempotency, SqliteBackend
+
+    form_route = routes.Route("/form", routes.single(GenerateRequest), form=True)
+    table = routes.table({}, {}, batch=BatchRequest, foreign={"/form": form_route}, mounted={})
+    gateway = Gateway(rig.inner, keys=rig.gateway.keys, limiter=RateLimiter(), slots=JobSlots(None),
+                      audit=AuditLog(tmp_path / "form-audit.log"), routes=table, signer=rig.signer,
+                      max_body_bytes=MAX_BODY, idempotency=Idempotency(SqliteBackend(tmp_path / "idem.db")))
+
+    def post(prompt: str, boundary: str) -> httpx.Response:
+        body = "".join(f"--{boundary}\r\ncontent-disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+                       for name, value in (("prompt", prompt), ("steps", "20"))) + f"--{boundary}--\r\n"
+        return call(gateway, "POST", "/form", key=rig.key["alice"], content=body.encode(),
+                    headers=[("content-type", f"multipart/form-data; boundary={boundary}"),
+                             ("idempotency-key", '"retry-1"')])
+
+    first = post("a lighthouse", "aaaa1111")
+    assert first.status_code == 200 and len(rig.inner.seen) == 1
+    assert json.loads(rig.inner.seen[0].body) == {"prompt": "a lighthouse", "steps": "20"}
+    again = post("a lighthouse", "bbbb2222")
+    assert again.status_code == 200 and again.headers.get(REPLAYED) == "true" and len(rig.inner.seen) == 1
+    changed = post("a harbour", "cccc3333")
+    assert changed.status_code == 422 and len(rig.inner.seen) == 1
