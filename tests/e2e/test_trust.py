@@ -128,13 +128,29 @@ OVER_THE_FREE_TIER = [
     ("/img2img", {"prompt": "x", "image": "IMAGE", "width": 768, "height": 768, "steps": 4}, "max_pixels"),
     ("/img2img_jobs/submit", {"prompt": "x", "image": "IMAGE", "steps": "40"}, "max_steps"),
     ("/refine", {"prompt": "x", "image_id": str(uuid.uuid4())}, "refiner_allowed"),
+    ("/refine_jobs/submit", {"prompt": "x", "image_id": str(uuid.uuid4())}, "refiner_allowed"),
+    ("/sdapi/v1/img2img", {"prompt": "x", "init_images": ["IMAGE"], "steps": "50", "width": 256, "height": 256},
+     "max_steps"),
+    ("/sdapi/v1/img2img", {"prompt": "x", "init_images": ["IMAGE"], "steps": 4, "width": "768", "height": 768},
+     "max_pixels"),
+    # a replayed manifest runs its request: it is policed as if it had been sent
+    ("/replay", {"manifest": {"manifest_version": 1, "kind": "txt2img",
+                              "request": {"prompt": "x", "steps": "100", "width": 256, "height": 256}}}, "max_steps"),
+    ("/replay", {"manifest": {"manifest_version": 1, "kind": "txt2img",
+                              "request": {"prompt": "x", "num_images": 1, "safety_check": False, **SMALL}}},
+     "safety_optional"),
 ]
 
 
-@pytest.mark.parametrize("path,body,limit", OVER_THE_FREE_TIER)
-def test_over_the_tier_is_refused_on_every_route_however_the_number_is_written(world, path, body, limit):
+@pytest.mark.parametrize("path,body,limit,prefer", [
+    *((path, body, limit, None) for path, body, limit in OVER_THE_FREE_TIER),
+    # Prefer: respond-async (on /generate, /img2img, /inpaint, /refine) makes it a task: policed the same
+    *((path, body, limit, "respond-async") for path, body, limit in OVER_THE_FREE_TIER
+      if path in ("/generate", "/img2img", "/refine"))])
+def test_over_the_tier_is_refused_on_every_route_however_the_number_is_written(world, path, body, limit, prefer):
     body = json.loads(json.dumps(body).replace('"IMAGE"', json.dumps(png(256, 256))))
-    r = world["http"].post(path, json=body, headers=key(world, "alice"))
+    headers = {**key(world, "alice"), **({"Prefer": prefer} if prefer else {})}
+    r = world["http"].post(path, json=body, headers=headers)
     if limit is None:
         assert r.status_code == 400, r.text
         return
@@ -239,6 +255,55 @@ def test_another_keys_task_is_unknown_on_every_task_route(world, alice_task):
     assert mine.status_code == 200 and mine.json()["images"]
     ops = http.get("/jobs/get", params={"task_id": alice_task}, headers=key(world, "ops"))
     assert ops.status_code == 200  # an operator key sees every task
+
+
+def test_an_edit_form_is_policed_as_the_request_it_runs(world):
+    """OpenAI's images.edit is multipart: the gateway polices the form's fields as numbers, however written."""
+    from base64 import b64decode
+
+    image = ("image.png", b64decode(png(256, 256)), "image/png")
+    for fields, word in [({"prompt": "x", "n": "3", "size": "256x256", "steps": "2"}, "num_images"),
+                         ({"prompt": "x", "n": "1", "size": "768x768", "steps": "2"}, "pixels"),
+                         ({"prompt": "x", "n": "1", "size": "256x256", "steps": "100"}, "steps")]:
+        r = world["http"].post("/v1/images/edits", data=fields, files={"image": image}, headers=key(world, "alice"))
+        assert r.status_code == 403 and "free tier" in r.text and word in r.text, (fields, r.status_code, r.text)
+
+
+def test_events_webhooks_manifests_and_replays_stay_with_their_owner(world, alice_task, alice_image):
+    http, alice, bob = world["http"], key(world, "alice"), key(world, "bob")
+    for action in ("events", "webhooks"):
+        r = http.get(f"/jobs/{action}", params={"task_id": alice_task}, headers=bob)
+        assert r.status_code == 404 and "secret" not in r.text, (action, r.text)
+        r = http.get(f"/jobs/{action}?task_id={uuid.uuid4()}&task_id={alice_task}", headers=bob)
+        assert r.status_code == 400 and "more than once" in r.text, (action, r.text)
+    with http.stream("GET", "/jobs/events", params={"task_id": alice_task}, headers=alice) as own:
+        assert own.status_code == 200 and "completed" in "".join(own.iter_text())
+    image_id = alice_image["id"]
+    assert http.get(f"/images/{image_id}/manifest", headers=bob).status_code == 404
+    assert http.get(f"/images/{image_id}/manifest").status_code == 404  # no key
+    signed_manifest = alice_image["url"].replace(f"/images/{image_id}", f"/images/{image_id}/manifest")
+    assert httpx.get(world["srv"].url + signed_manifest).status_code == 404  # a signed link opens the image only
+    manifest = http.get(f"/images/{image_id}/manifest", headers=alice)
+    assert manifest.status_code == 200 and manifest.json()["request"]["seed"] == 5
+    assert http.post("/replay", json={"image_id": image_id}, headers=bob).status_code == 404
+    # alice's manifest, sent by bob, replays nothing of alice's: it is bob's request, under bob's tier and cache
+    theirs = http.post("/replay", json={"manifest": manifest.json()}, headers=bob)
+    assert theirs.status_code == 200, theirs.text
+    assert http.get(f"/images/{theirs.json()['image']['id']}", headers=alice).status_code == 404
+
+
+def test_idempotency_keys_are_scoped_to_the_caller(world):
+    http = world["http"]
+    body, idem = {"prompt": "the same retry", "seed": 91, **SMALL}, {"Idempotency-Key": f'"{uuid.uuid4()}"'}
+    first = http.post("/generate", json=body, headers={**key(world, "alice"), **idem})
+    again = http.post("/generate", json=body, headers={**key(world, "alice"), **idem})
+    assert first.status_code == again.status_code == 200 and again.headers.get("idempotent-replayed") == "true"
+    assert again.json()["images"][0]["id"] == first.json()["images"][0]["id"]
+    other = http.post("/generate", json=body, headers={**key(world, "bob"), **idem})  # same key, another caller
+    assert other.status_code == 200 and "idempotent-replayed" not in other.headers
+    assert other.json()["images"][0]["id"] != first.json()["images"][0]["id"]
+    changed = http.post("/generate", json={**body, "seed": 92}, headers={**key(world, "bob"), **idem})
+    assert changed.status_code == 422  # bob's own key, reused for another request
 
 
 def test_a_tier_named_open_is_still_a_keyed_tier(world):
