@@ -23,12 +23,13 @@ import base64
 import json
 import logging
 import queue
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
+
+from .statedb import open_shared
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +66,7 @@ class EventLog:
     """Events of tasks, in ``<state dir>/events.db``; ``publish`` never blocks on the disk."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=30, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = open_shared(path, "synchronous=NORMAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS events (task_id TEXT NOT NULL, seq INTEGER NOT NULL, "
                          "event TEXT NOT NULL, data TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (task_id, seq))")
         self._lock = threading.Lock()

@@ -28,7 +28,6 @@ from pydantic import ValidationError
 from ..core.policy import OPEN_PRINCIPAL, Admission, Principal, police
 from ..errors import (
     InvalidRequest,
-    PayloadTooLarge,
     ServiceError,
     ShuttingDown,
     TooManyRequests,
@@ -43,7 +42,7 @@ from .ratelimit import Limit, RateLimiter
 from .routes import Route, RouteTable, read_form
 from .signing import INTERNAL_HEADERS, Signer
 from .upload import STATE_KEY as UPLOAD_STATE
-from .upload import read_upload
+from .upload import read_body, read_upload
 
 logger = logging.getLogger(__name__)
 
@@ -317,29 +316,14 @@ class Gateway:
             return OPEN_PRINCIPAL
         return self.keys.by_name(name)
 
-    async def _read_body(self, headers: dict[str, str], receive: Any, form: bool = False) -> Any:
+    async def _read_body(self, headers: dict[str, str], receive: Any, form: bool = False) -> bytes:
         media_type = _media_type(headers)
         if form and media_type == "multipart/form-data":
             pass
         elif media_type not in ("application/json", ""):
             also = " or multipart/form-data" if form else ""
             raise UnsupportedMediaType(f"send the request as application/json{also}, not {media_type}")
-        declared = headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise PayloadTooLarge(f"the request body is {declared} bytes; the limit is {self.max_body_bytes}")
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise PayloadTooLarge(f"the request body is over the limit of {self.max_body_bytes} bytes")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
+        return await read_body(headers, receive, self.max_body_bytes)
 
     @staticmethod
     def _deadline(headers: dict[str, str]) -> float | None:

@@ -23,7 +23,6 @@ import asyncio
 import base64
 import hashlib
 import json
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import IdempotencyMismatch, InvalidRequest
+from .statedb import open_shared
 
 HEADER = "idempotency-key"
 REPLAYED = "idempotent-replayed"
@@ -137,11 +137,8 @@ class SqliteBackend:
     """``<state dir>/idempotency.db``: one row per (caller, key)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=30, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = open_shared(path, "synchronous=NORMAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS keys (scope TEXT NOT NULL, key TEXT NOT NULL, fp TEXT NOT NULL, "
                          "answer TEXT, lease REAL NOT NULL, expires REAL NOT NULL, PRIMARY KEY (scope, key))")
 

@@ -16,12 +16,13 @@ reading files that later code extends. Ended tasks are pruned by age, and the fi
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
+
+from .statedb import open_shared
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +55,8 @@ _ADDED = {"cost_images": "INTEGER", "result": "TEXT", "error": "TEXT", "http_sta
 
 class TaskJournal:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=30, isolation_level=None)
-        self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect only on a new file
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA journal_size_limit={4 * 2**20}")
+        self._db = open_shared(path, "auto_vacuum=INCREMENTAL", f"journal_size_limit={4 * 2**20}")
         self._migrate()
         self.listeners: list[Callable[[TaskRecord], None]] = []
         """Called with the record of each end this process records (``finished``, ``recover``): the task's

@@ -67,6 +67,7 @@ async def read_upload(headers: dict[str, str], receive: Any, *, max_bytes: int, 
 
 
 async def read_body(headers: dict[str, str], receive: Any, limit: int) -> bytes:
+    """The whole body, refused (413) as soon as it is declared or read past ``limit`` bytes."""
     declared = headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the request body is {declared} bytes; the limit is {limit}")

@@ -26,7 +26,6 @@ import json
 import logging
 import random
 import socket
-import sqlite3
 import threading
 import time
 import uuid
@@ -38,6 +37,7 @@ from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import InvalidRequest
+from .statedb import open_shared
 
 logger = logging.getLogger(__name__)
 
@@ -196,11 +196,8 @@ class WebhookStore:
     """The SQLite file (``<state dir>/webhooks.db``) shared by the workers of one server."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=30, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = open_shared(path, "synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
 
     def subscribe(self, sub: Subscription, now: float | None = None) -> None:
