@@ -9,7 +9,6 @@ image store) -> the answer's shape. Errors are ``ServiceError``s, answered in ea
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import bentoml
@@ -187,15 +186,7 @@ class SDXL:
         oreq = openai_api.OpenAIImageRequest.model_validate(given(fields))
         req = openai_api.to_generate_request(oreq, REQUESTS.generate, resolve=self.generation.resolve_model)
         rctx = front.request_context(ctx)
-        try:
-            outcome = await self.generation.run(req, rctx)
-        finally:
-            openai_api.record(rctx.audit, oreq)
-        base = str(ctx.request.base_url)
-        return openai_api.to_openai_response(
-            outcome.images, oreq.prompt, int(time.time()), oreq.response_format,
-            url_for=lambda image_id: openai_api.absolute_url(base, self.generation.url(image_id, rctx.principal)),
-            req=oreq)
+        return await openai_api.answer(self.generation, req, oreq, rctx, str(ctx.request.base_url))
 
     @bentoml.api(input_spec=a1111.A1111Wire, route="/sdapi/v1/txt2img")
     @a1111.answers_a1111_errors
@@ -255,16 +246,7 @@ class SDXL:
                                           resolve=self.generation.resolve_model,
                                           max_upload_bytes=settings.max_upload_bytes)
         rctx = front.request_context(ctx)
-        try:
-            outcome = await self.generation.run(req, rctx)
-        finally:
-            openai_api.record(rctx.audit, oreq)
-        base = str(ctx.request.base_url)
-        return openai_api.to_openai_response(
-            outcome.images, oreq.prompt, int(time.time()), oreq.response_format,
-            url_for=lambda image_id: openai_api.absolute_url(base, self.generation.url(image_id, rctx.principal)),
-            req=oreq)
-
+        return await openai_api.answer(self.generation, req, oreq, rctx, str(ctx.request.base_url))
 
     # -- the job lifecycle (issue 17) ---------------------------------------------------------------------
     @bentoml.task(input_spec=REQUESTS.refine, route="/refine_jobs")

@@ -39,7 +39,7 @@ from .http.replicas import TaskDirectory
 from .http.retention import RetentionSweeper
 from .http.routes import RouteTable
 from .http.shutdown import Drain
-from .http.signing import Signer
+from .http.signing import Signer, state_secret
 from .http.tasks import TaskControl, TaskRegistry
 from .http.upload import STATE_KEY as UPLOAD_STATE
 from .http.webhooks import Targets, Webhooks, WebhookStore
@@ -128,7 +128,10 @@ class Front:
             return secret.get_secret_value() if secret is not None else None
         if self.settings.webhook_secret is not None:
             return self.settings.webhook_secret.get_secret_value()
-        return server_webhook_secret(self.settings.state_dir)
+        from .http.auth import new_webhook_secret
+
+        return state_secret(self.settings.state_dir / "webhook-secret", new_webhook_secret,
+                            "SDXL_BENTO_WEBHOOK_SECRET")
 
     def prune_lifecycle(self, older_than_s: float) -> None:
         """Events, webhook records and idempotency keys go with the tasks they belong to (retention sweep)."""
@@ -374,27 +377,3 @@ def _previewer(settings: Settings, engine: Any) -> Any:
         except Exception:
             logger.exception("TAESD %s could not be loaded; previews use the linear approximation", stored.tag)
     return LinearPreview(size=settings.preview_size)
-
-
-def server_webhook_secret(state_dir: Path) -> str:
-    """This server's own webhook secret, made once in the state folder (mode 0600) and shared by its workers."""
-    import os
-    import time
-
-    from .http.auth import new_webhook_secret
-
-    path = Path(state_dir) / "webhook-secret"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        for _ in range(50):  # another worker is writing it
-            value = path.read_text().strip()
-            if value:
-                return value
-            time.sleep(0.02)
-        raise RuntimeError(f"{path} is empty: delete it, or set SDXL_BENTO_WEBHOOK_SECRET")
-    value = new_webhook_secret()
-    with os.fdopen(fd, "w") as f:
-        f.write(value + "\n")
-    return value

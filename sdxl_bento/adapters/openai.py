@@ -305,6 +305,18 @@ def absolute_url(base_url: str, url: str) -> str:
     return url if re.match(r"^https?://", url) else base_url.rstrip("/") + "/" + url.lstrip("/")
 
 
+async def answer(generation: Any, req: Any, oreq: OpenAIImageRequest, rctx: Any, base_url: str) -> dict[str, Any]:
+    """Run the native request ``req`` (``Generation.run`` for the caller ``rctx``) and answer in OpenAI's shape,
+    links absolute and signed for the caller; the audit line gets the OpenAI fields whether it ran or failed."""
+    try:
+        outcome = await generation.run(req, rctx)
+    finally:
+        record(rctx.audit, oreq)
+    return to_openai_response(
+        outcome.images, oreq.prompt, int(time.time()), oreq.response_format,
+        url_for=lambda image_id: absolute_url(base_url, generation.url(image_id, rctx.principal)), req=oreq)
+
+
 def record(audit: dict[str, Any], req: OpenAIImageRequest) -> None:
     """Note the OpenAI-only fields in the audit line's parameters (call after ``Generation.run``,
     which sets the parameters)."""

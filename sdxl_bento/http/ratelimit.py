@@ -222,6 +222,22 @@ class _Outage:
             logger.info("%s: Redis is back; %s", self._who, self._back)
 
 
+class _RedisBacked:
+    """What a Redis-backed counter tells ``/metrics`` about its Redis."""
+
+    _outage: _Outage
+
+    @property
+    def degraded(self) -> bool:
+        """True while a Redis URL is configured but Redis is unreachable (counting in this process meanwhile)."""
+        return self._outage.degraded
+
+    @property
+    def redis_failures(self) -> int:
+        """Redis calls that failed so far."""
+        return self._outage.failures
+
+
 def _redis_client(redis_url: str, socket_timeout_s: float) -> tuple[redis.Redis, tuple[type[Exception], ...]]:
     import redis as redis_mod
     from redis.backoff import NoBackoff
@@ -234,7 +250,7 @@ def _redis_client(redis_url: str, socket_timeout_s: float) -> tuple[redis.Redis,
     return client, (redis_mod.RedisError, OSError)
 
 
-class RateLimiter:
+class RateLimiter(_RedisBacked):
     """All-or-nothing token buckets, in Redis when `redis_url` is given, else in this process.
 
     `take` never raises because Redis is down: it answers from the in-process buckets meanwhile, and
@@ -257,16 +273,6 @@ class RateLimiter:
     def backend(self) -> str:
         """"redis" or "memory": what answered the last call."""
         return self._last_backend
-
-    @property
-    def degraded(self) -> bool:
-        """True while a Redis URL is configured but Redis is unreachable (serving from memory)."""
-        return self._outage.degraded
-
-    @property
-    def redis_failures(self) -> int:
-        """Redis calls that failed so far."""
-        return self._outage.failures
 
     def take(self, items: list[tuple[str, Limit, int]]) -> Decision:
         """Charge `cost` tokens from every bucket, or none if any lacks them.
@@ -339,7 +345,7 @@ return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 """
 
 
-class JobSlots:
+class JobSlots(_RedisBacked):
     """Requests in progress per key, capped by the tier's ``max_concurrent_jobs``, across processes.
 
     Why Redis: counted in each process, N workers or replicas would give a key N times its cap. Each
@@ -377,15 +383,6 @@ class JobSlots:
 
     def __repr__(self) -> str:
         return f"JobSlots(redis={self._redis is not None}, leases={len(self._leases)}, degraded={self.degraded})"
-
-    @property
-    def degraded(self) -> bool:
-        """True while a Redis URL is configured but Redis is unreachable (counting in this process)."""
-        return self._outage.degraded
-
-    @property
-    def redis_failures(self) -> int:
-        return self._outage.failures
 
     def acquire(self, name: str, limit: int) -> Optional[str]:
         """A lease id for one more request of key ``name``, or None when it already holds ``limit``."""

@@ -23,6 +23,7 @@ import os
 import secrets
 import time
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlencode
 
 CALLER = "x-sdxl-caller"
@@ -30,6 +31,25 @@ TIMESTAMP = "x-sdxl-timestamp"
 SIGNATURE = "x-sdxl-signature"
 INTERNAL_HEADERS = (CALLER, TIMESTAMP, SIGNATURE)
 FORWARD_WINDOW_S = 60.0
+
+
+def state_secret(path: Path, make: Callable[[], str], setting: str) -> str:
+    """A secret made once in the state folder (mode 0600) and shared by the server's workers: the first one
+    writes ``make()``, the others read it (``setting`` names the variable that replaces the file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for _ in range(50):  # another worker is writing it
+            value = path.read_text().strip()
+            if value:
+                return value
+            time.sleep(0.02)
+        raise RuntimeError(f"{path} is empty: delete it, or set {setting}") from None
+    value = make()
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value
 
 
 class Signer:
@@ -46,21 +66,8 @@ class Signer:
         """The configured secret, or this server's own, created once in ``state_dir``."""
         if secret:
             return cls(secret.encode())
-        path = Path(state_dir) / "internal-secret"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            for _ in range(50):  # another worker is writing it
-                value = path.read_bytes()
-                if value:
-                    return cls(value)
-                time.sleep(0.02)
-            raise RuntimeError(f"{path} is empty: delete it, or set SDXL_BENTO_INTERNAL_SECRET")
-        value = secrets.token_hex(32).encode()
-        with os.fdopen(fd, "wb") as f:
-            f.write(value)
-        return cls(value)
+        return cls(state_secret(Path(state_dir) / "internal-secret", lambda: secrets.token_hex(32),
+                                "SDXL_BENTO_INTERNAL_SECRET").encode())
 
     def _mac(self, *parts: str) -> str:
         return hmac.new(self._secret, "\n".join(parts).encode(), hashlib.sha256).hexdigest()[:32]
