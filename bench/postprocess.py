@@ -501,6 +501,9 @@ def part_generation_store(args: argparse.Namespace, images: list[Image.Image], s
         "today_real (Generation.store: check + watermark + PNG level 6 + save; real weights' defaults)": Generation(
             None, store, ModelInfo("sdxl-base:bench", None, False), timeout=60, guard=guard,
             watermarker=Watermarker(True)),
+        "today_real_manifest (today_real + the reproducibility manifest in the sidecar, as served)": Generation(
+            None, store, ModelInfo("sdxl-base:bench", None, False), timeout=60, guard=guard,
+            watermarker=Watermarker(True), describe=lambda key: ENVIRONMENT),
     }
     real = list(variants.values())[1]
 
@@ -544,6 +547,41 @@ def part_generation_store(args: argparse.Namespace, images: list[Image.Image], s
         cases["save_after_answer (ImageStore.save of each PNG, off the critical path)"] = (
             (lambda: [store.save(data, "png", owner="bench") for _ in batch]), remove)
         out[f"batch_{n}"] = run_cases(cases, args.repeats)
+    return out
+
+
+ENVIRONMENT = {  # what gpu/environment.py describes (computed once per batch key; its size is what matters here)
+    "models": {"base": {"tag": "sdxl-base:bench", "sha256": "0" * 64, "synthetic": False, "source": "bench"}},
+    "loras": [], "scheduler": {"name": "euler", "class": "EulerDiscreteScheduler",
+                               "config": {f"option_{i}": i for i in range(20)}},
+    "versions": {"torch": "x", "diffusers": "x", "cuda": "x"}, "device": {"type": "cuda", "name": "bench"},
+    "acceleration": {"compile": "on", "cuda_graphs": "on", "approximation": "none"}}
+
+
+def part_manifest(args: argparse.Namespace, image: Image.Image, text: str) -> dict[str, Any]:
+    """The reproducibility manifest of one image (``core/manifest.py``, issue 17), per format as
+    ``Generation.store`` makes it: the pixels' sha256 (PNG: of the image in memory; JPEG and WebP: of the encoded
+    file decoded again, as it is stored), the file's sha256 and the record."""
+    from sdxl_bento.core import manifest
+    from sdxl_bento.core.images import encode
+    from sdxl_bento.gpu.engine import BatchKey
+    from sdxl_bento.schemas import GenerateRequest
+
+    key = BatchKey(kind="txt2img", width=args.size, height=args.size, steps=30, guidance_scale=5.0, scheduler="euler",
+                   has_negative=True)
+    req = GenerateRequest(prompt=PROMPT, negative_prompt=NEGATIVE, width=args.size, height=args.size, seed=1234)
+    cases: dict[str, Case] = {}
+    for fmt in ("png", "jpeg", "webp"):
+        data = encode(image, fmt, 90, text)
+
+        def make(fmt: str = fmt, data: bytes = data) -> dict[str, Any]:
+            pixels = manifest.pixels_sha256(image if fmt == "png" else Image.open(io.BytesIO(data)))
+            return manifest.build(req, key, 1234, 0, ENVIRONMENT, fmt=fmt, data=data, pixels=pixels,
+                                  width=image.width, height=image.height, postprocess={"watermark": True})
+        cases[f"{fmt} ({len(data)} bytes)"] = make
+    out = run_cases(cases, args.repeats)
+    png_case = cases[next(name for name in cases if name.startswith("png"))]
+    out["record_bytes"] = len(json.dumps(png_case()))
     return out
 
 
@@ -790,6 +828,7 @@ def main(argv: list[str] | None = None) -> int:
         del checkers
         gc.collect()
         result["scheduler_hop"] = part_scheduler(args, images[0], store_root)
+        result["manifest"] = part_manifest(args, images[0], text)
         result["generation_store"] = part_generation_store(args, images, store_root, tiny_sd, pool)
         if args.http_sizes and args.http_watermark:
             result["http"] = part_http(args, root)

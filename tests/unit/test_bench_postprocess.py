@@ -93,10 +93,18 @@ def test_postprocess_benchmark_reports_every_figure(tmp_path):
     assert timing(hop["submit_to_future_thread_wait"])["n"] >= 50
     assert timing(hop["submit_to_future_event_loop (Generation.wait)"])["n"] >= 50
 
+    manifest = result["manifest"]
+    assert [name.split(" (")[0] for name in manifest if name != "record_bytes"] == ["png", "jpeg", "webp"]
+    for name, figure in manifest.items():
+        if name != "record_bytes":
+            timing(figure)
+    assert 1000 < manifest["record_bytes"] < 20_000
+
     for n in (1, 2):
         store_path = result["generation_store"][f"batch_{n}"]
         assert [name.split(" (")[0] for name in store_path] == [
-            "today_synthetic", "today_real", "cheaper_serial", "cheaper_parallel", "save_after_answer"]
+            "today_synthetic", "today_real", "today_real_manifest", "cheaper_serial", "cheaper_parallel",
+            "save_after_answer"]
         for figure in store_path.values():
             timing(figure)
 
