@@ -147,8 +147,8 @@ class Front:
         s = self.settings
         failed = lambda: metrics().redis_failed()  # noqa: E731
         directory = TaskDirectory(s.redis(), s.replica_url) if s.redis() and s.replica_url else None
-        sync = tuple(path for path, route in self.routes.generation.items()
-                     if route.negotiates and not route.task and not route.batch and path not in self.routes.task_prefixes)
+        sync = tuple(path for path, route in self.routes.generation.items()  # synchronous, so webhooks come after
+                     if not (route.task or route.batch or route.upload) and path not in self.routes.task_prefixes)
         return [
             (Gateway, dict(keys=self.keys, routes=self.routes, signer=self.signer, drain=self.drain,
                            limiter=RateLimiter(s.redis(), on_redis_failure=failed),

@@ -227,15 +227,17 @@ class Gateway:
     # -- the lifecycle: webhooks, negotiation, idempotency --------------------------------------------
     async def _lifecycle(self, route: Route, path: str, principal: Principal, headers: dict[str, str],
                          requests: list[Any], state: dict[str, Any]) -> None:
-        """The answer's media type (406 when none is acceptable) and the request's webhook (its own URL checked
-        now, names resolved: 400 when it points at a refused address)."""
+        """The answer's media type (native routes; 406 when none is acceptable) and the request's webhook: its own
+        (native routes; the URL checked now, names resolved: 400 when it points at a refused address), else its
+        key's default, on every generation route (the OpenAI and AUTOMATIC1111 ones too)."""
         from .lifecycle import STATE_KEY, webhook_wanted
         from .negotiation import STATE_KEY as NEGOTIATED
         from .negotiation import negotiate
 
-        if not route.negotiates:
+        if route.negotiates:
+            state[NEGOTIATED] = negotiate(path, headers, requests)
+        if not requests:
             return
-        state[NEGOTIATED] = negotiate(path, headers, requests)
         if route.batch:
             if any(getattr(req, "webhook", None) or getattr(req, "webhook_events", None) for req in requests):
                 raise InvalidRequest("webhook: not taken by /generate_batch items; submit a task (/jobs/submit) with "

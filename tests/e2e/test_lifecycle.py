@@ -390,6 +390,44 @@ def test_the_manifest_is_the_owners_and_a_replay_is_identical(world):
         assert [d["field"] for d in differs["differences"]] == ["batch_key.steps", "batch_key.total_steps"]
 
 
+# -- a key's default webhook: every generation route, the OpenAI and AUTOMATIC1111 ones too ------------------------
+def test_a_keys_default_webhook_is_told_of_every_generation_route(world):
+    import subprocess
+    import sys
+
+    keys_file = world["root"] / "keys.yaml"
+    out = subprocess.run([sys.executable, "-m", "sdxl_bento.cli.main", "keys", "add", "carol", "--tier", "premium",
+                          "--file", str(keys_file)], capture_output=True, text=True, check=True).stdout
+    key, secret = out.strip().splitlines()[-1], re.search(r"(whsec_\S+)", out).group(1)
+    receiver = Receiver(secret)
+    try:
+        data = yaml.safe_load(keys_file.read_text())
+        next(entry for entry in data["keys"] if entry["name"] == "carol")["webhook"] = receiver.url
+        keys_file.write_text(yaml.safe_dump(data))  # the service reloads the keys file: no restart
+        with httpx.Client(base_url=world["url"], timeout=120, headers={"Authorization": f"Bearer {key}"}) as carol:
+            for _ in range(100):  # until the reloaded file (with the webhook) answers
+                native = carol.post("/generate", json={"prompt": "by default", "seed": 21, **SMALL})
+                if native.status_code == 200 and "x-job-id" in native.headers:
+                    break
+                time.sleep(0.1)
+            assert "x-job-id" in native.headers, native.status_code
+            a1111 = carol.post("/sdapi/v1/txt2img", json={"prompt": "a1111", "seed": 22, "steps": 3, "width": 256,
+                                                          "height": 256})
+            openai = carol.post("/v1/images/generations", json={"prompt": "openai", "size": "256x256", "steps": 3,
+                                                                "response_format": "url"})
+            for answer in (a1111, openai):
+                assert answer.status_code == 200 and "x-job-id" in answer.headers, answer.text
+            jobs = [answer.headers["x-job-id"] for answer in (native, a1111, openai)]
+            told = {d["event"]["data"]["task_id"]: d["event"] for d in receiver.wait(len(jobs))}
+            assert set(jobs) <= set(told) and all(told[j]["type"] == "job.completed" for j in jobs)
+            assert told[jobs[1]]["data"]["result"]["parameters"]["prompt"] == "a1111"  # the answer in A1111's shape
+            assert told[jobs[2]]["data"]["result"]["data"][0]["url"] == openai.json()["data"][0]["url"]
+            (record,) = carol.get("/jobs/webhooks", params={"task_id": jobs[1]}).json()["deliveries"]
+            assert record["state"] == "delivered"
+    finally:
+        receiver.close()
+
+
 # -- last: a restart with a delivery pending ----------------------------------------------------------------------
 def test_a_pending_delivery_survives_a_restart(world):
     with socket.socket() as s:
