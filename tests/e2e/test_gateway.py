@@ -263,6 +263,17 @@ def test_a_task_is_reachable_through_any_replica(servers, keys):
     assert httpx.get(f"{a.url}{image_url}").status_code == 200
     # the owner still checks the key: another key gets 404 through either replica
     assert httpx.get(f"{b.url}/jobs/status", params={"task_id": task_id}, headers=auth(keys[1]["dave"])).status_code == 404
+    # its event stream and webhook record too (b has its own state folder: it relays a's)
+    with httpx.stream("GET", f"{b.url}/jobs/events", params={"task_id": task_id}, headers=auth(boss),
+                      timeout=30) as stream:
+        assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
+        text = "".join(stream.iter_text())
+    assert "event: queued" in text and "event: completed" in text and "id: 1" in text
+    assert httpx.get(f"{b.url}/jobs/webhooks", params={"task_id": task_id}, headers=auth(boss),
+                     timeout=30).json() == {"task_id": task_id, "deliveries": []}
+    for path in ("/jobs/events", "/jobs/webhooks"):
+        assert httpx.get(f"{b.url}{path}", params={"task_id": task_id}, headers=auth(keys[1]["dave"]),
+                         timeout=30).status_code == 404
     slow = _submit(a, boss, {"prompt": "cancel me across", "width": 512, "height": 512, "steps": 100})
     time.sleep(1)
     r = httpx.put(f"{b.url}/jobs/cancel", params={"task_id": slow}, headers=auth(boss), timeout=30)
