@@ -6,7 +6,8 @@ Two decoders, both far cheaper than the VAE:
   those ComfyUI and A1111 use for SDXL's latent space; the result is the latent grid itself (1/8 of the image's
   size), a fair sketch of composition and colour. One matrix product per preview.
 - **TAESD-XL** (when ``sdxl-taesd`` is in the model store, ``sdxl-bento models import madebyollin/taesdxl --role
-  preview``): the tiny autoencoder distilled from SDXL's VAE, a recognisable picture in a few milliseconds on a GPU.
+  preview``): the tiny autoencoder distilled from SDXL's VAE, a recognisable picture; 5.7 s per 1024x1024 image
+  on a 2-core CPU (BENCHMARKS.md), so it is for GPU servers.
   It takes the pipeline's latents as they are (its scaling factor is 1).
 
 Both run on the scheduler's thread, every ``SDXL_BENTO_PREVIEW_EVERY`` steps, only for batches whose jobs asked.
