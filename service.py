@@ -217,6 +217,12 @@ class SDXL:
         """``/inpaint`` as a task: ``/inpaint_jobs/submit``, ``/status``, ``/get``, ``/cancel``."""
         return await run_task(ctx, REQUESTS.inpaint.model_validate(fields), front=front, generation=self.generation)
 
+    @bentoml.task(input_spec=REQUESTS.refine, route="/refine_jobs")
+    @answers_in()
+    async def refine_jobs(self, ctx: bentoml.Context, **fields: Any) -> schemas.GenerateResponse:
+        """``/refine`` as a task (``Prefer: respond-async`` on ``/refine`` submits one): ``/refine_jobs/submit``, ..."""
+        return await run_task(ctx, REQUESTS.refine.model_validate(fields), front=front, generation=self.generation)
+
     @bentoml.api(input_spec=VerifyWire, route="/verify")
     @answers_in()
     async def verify(self, ctx: bentoml.Context, **fields: Any) -> VerifyReport:
@@ -248,13 +254,7 @@ class SDXL:
         rctx = front.request_context(ctx)
         return await openai_api.answer(self.generation, req, oreq, rctx, str(ctx.request.base_url))
 
-    # -- the job lifecycle (issue 17) ---------------------------------------------------------------------
-    @bentoml.task(input_spec=REQUESTS.refine, route="/refine_jobs")
-    @answers_in()
-    async def refine_jobs(self, ctx: bentoml.Context, **fields: Any) -> schemas.GenerateResponse:
-        """``/refine`` as a task (``Prefer: respond-async`` on ``/refine`` submits one): ``/refine_jobs/submit``, ..."""
-        return await run_task(ctx, REQUESTS.refine.model_validate(fields), front=front, generation=self.generation)
-
+    # -- reproducibility (issue 17) ------------------------------------------------------------------------
     @bentoml.api(input_spec=schemas.ReplayRequest, route="/replay")
     @answers_in()
     async def replay(self, ctx: bentoml.Context, **fields: Any) -> dict[str, Any]:
