@@ -328,25 +328,17 @@ def build_runtime(settings: Settings, front: Front, base: Any, refiner: Any, che
     else:
         logger.warning("no NSFW checker (%s not in the store): images are not checked", s.safety_model)
     watermark = s.watermark == "on" or (s.watermark == "auto" and not engine.models.synthetic)
-    provenance, digests = None, {}
+    environment = Environment(engine, s.state_dir, refiner=refiner)  # the weights' sha256, for both manifests
+    provenance = None
     if front.credentials is not None:
         provenance = Provenance(front.credentials, tsa_url=s.c2pa_tsa_url, include_prompt=s.c2pa_include_prompt,
                                 reader=front.verifier)
         provenance.self_test()
-        pipelines = [base, *([refiner] if refiner else []),
-                     *(modelstore.resolve(tag, "base") for tag in tags(s.checkpoints))]
-        digests = {p.tag: modelstore.weights_sha256(p, cache_dir=s.state_dir) for p in pipelines}
         logger.info("C2PA: every image is signed as %s (%s)%s", front.credentials.subject, front.credentials.alg,
                     f", timestamped by {s.c2pa_tsa_url}" if s.c2pa_tsa_url else "")
     else:
         logger.warning("C2PA signing is off (no SDXL_BENTO_C2PA_CERT and SDXL_BENTO_C2PA_KEY): images carry no "
                        "Content Credentials")
-
-    def weights_sha256(tag: str) -> str | None:
-        if tag in digests:
-            return digests[tag]
-        lora = find_lora(tag)
-        return lora.metadata.get("sha256") if lora is not None else None
 
     generation = Generation(
         scheduler, front.images, ModelInfo(base.tag, refiner.tag if refiner else None, engine.models.synthetic),
@@ -356,8 +348,8 @@ def build_runtime(settings: Settings, front: Front, base: Any, refiner: Any, che
         policy=PromptPolicy.load(s.policy_file) if s.policy_file else None,
         resolve_model=engine.manager.resolve, has_lora=lambda name: find_lora(name) is not None,
         max_upload_bytes=s.max_upload_bytes, sign_link=front.image_link if front.keys is not None else None,
-        provenance=provenance, weights_sha256=weights_sha256, styles=front.styles,
-        describe=Environment(engine, s.state_dir, refiner=refiner).describe)
+        provenance=provenance, weights_sha256=environment.sha256, styles=front.styles,
+        describe=environment.describe)
     front.webhooks.start()
     return Runtime(engine=engine, scheduler=scheduler, generation=generation, throttle=throttle,
                    retention=retention, refiner_tag=refiner.tag if refiner else None,

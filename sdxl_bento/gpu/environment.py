@@ -1,9 +1,10 @@
 """What ran a batch, for each image's reproducibility manifest (``core/manifest.py``): the weights, the scheduler,
 the versions, the device and the acceleration. The core asks through ``describe(batch_key)``; it never sees the engine.
 
-The sha256 of a checkpoint's weights is the one C2PA manifests name (``store.modelstore.weights_sha256``): recorded
-at import, or computed once for an older model and kept in the state folder; the default base and the refiner are
-looked up at startup, other checkpoints on first use.
+The sha256 of a checkpoint's weights (``store.modelstore.weights_sha256``: recorded at import, or computed once for
+an older model and kept in the state folder) is looked up here for both kinds of manifest: this one and the C2PA
+one (``sha256``). The configured checkpoints and the refiner are looked up at startup, so that no request waits
+for a hash; one added later (A1111's refresh-checkpoints) on first use.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from ..buildinfo import build_info
+from ..errors import InvalidRequest
 from ..jobs import BatchKey
 from ..samplers import BY_NAME as SAMPLERS
 from ..store.modelstore import StoredPipeline, weights_sha256
@@ -36,7 +38,8 @@ class Environment:
         self.device = {"type": engine.device, "name": name, "dtype": str(engine.dtype).removeprefix("torch.")}
         self.versions = {**build_info(), "cudnn": str(torch.backends.cudnn.version()) if engine.device == "cuda"
                          else None}
-        self.weights(engine.manager.stored(""))
+        for row in engine.manager.available():
+            self.weights(engine.manager.stored(row["tag"]))
         if refiner is not None:
             self.weights(refiner)
 
@@ -50,6 +53,20 @@ class Environment:
             with self._lock:
                 self._weights[stored.tag] = known
         return known
+
+    def sha256(self, tag: str) -> str | None:
+        """The weights' sha256 of a checkpoint, the refiner or a LoRA, by tag or name (C2PA's claim names it);
+        None when there is none such."""
+        if self.refiner is not None and tag == self.refiner.tag:
+            return self.weights(self.refiner)["sha256"]
+        try:
+            return self.weights(self.engine.manager.stored(tag))["sha256"]
+        except InvalidRequest:  # not a checkpoint
+            pass
+        try:
+            return self.engine.manager.lora(tag).metadata.get("sha256")
+        except InvalidRequest:
+            return None
 
     def _scheduler(self, role: str, config: Any, sampler: str) -> dict[str, Any]:
         with self._lock:

@@ -118,3 +118,14 @@ def test_previews_from_the_latents(engine, bentoml_home):
         for jpeg in got[0][2]:
             image = Image.open(io.BytesIO(jpeg))
             assert image.format == "JPEG" and max(image.size) <= 64 and min(image.size) >= 16
+
+
+def test_one_lookup_names_the_weights_for_both_manifests(engine, environment):
+    """C2PA's claim asks ``sha256`` by tag; the reproducibility manifest's ``models`` has the same digests."""
+    from sdxl_bento.store import modelstore
+
+    base = engine.manager.stored("")
+    assert environment.sha256(base.tag) == environment.weights(base)["sha256"] == modelstore.weights_sha256(base)
+    assert environment.sha256(base.tag.split(":")[0]) == environment.sha256(base.tag)  # a name resolves as requests'
+    assert environment.sha256(environment.refiner.tag) == modelstore.weights_sha256(environment.refiner)
+    assert environment.sha256("no-such-model") is None
